@@ -1,0 +1,136 @@
+"""Shared fixtures: every storage test runs against embedded SQLite and a fresh PostgreSQL database.
+
+PostgreSQL comes from ``TIDEBASE_TEST_PG_URL`` (an admin URL; default the local server's
+``postgres`` database). Each test gets its own database cloned from a migrated template and
+dropped afterwards. With ``TIDEBASE_TEST_REQUIRE_PG=1`` (as CI sets it) an unreachable
+PostgreSQL fails the run instead of skipping the PostgreSQL half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
+os.environ.pop("OPENAI_API_KEY", None)
+os.environ.pop("TIDEBASE_DATABASE_URL", None)
+
+from agents import set_tracing_disabled
+
+set_tracing_disabled(True)
+
+PG_ADMIN_URL = os.environ.get(
+    "TIDEBASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_PG = os.environ.get("TIDEBASE_TEST_REQUIRE_PG") == "1"
+TESTS_DIR = Path(__file__).parent
+
+
+def _pg_url(database: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+async def _pg_admin(*statements: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_URL.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def pg_admin(*statements: str) -> None:
+    asyncio.run(_pg_admin(*statements))
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str | None]:
+    """Name of a migrated template database, or None when PostgreSQL is not reachable."""
+    try:
+        pg_admin("SELECT 1")
+    except Exception as exc:
+        if REQUIRE_PG:
+            pytest.fail(
+                f"PostgreSQL is required (TIDEBASE_TEST_REQUIRE_PG=1) but unreachable: {exc}"
+            )
+        yield None
+        return
+    name = f"tidebase_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    pg_admin(f'CREATE DATABASE "{name}"')
+
+    from tidebase_agents._store import Store
+
+    async def migrate() -> None:
+        store = Store(_pg_url(name).replace("postgresql://", "postgresql+asyncpg://"))
+        await store.migrate()
+        await store.close()
+
+    asyncio.run(migrate())
+    yield name
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def fresh_pg_database(template: str) -> str:
+    name = f"tidebase_t_{uuid.uuid4().hex[:12]}"
+    pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return name
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_template: str | None
+) -> Iterator[str]:
+    """A fresh, migrated database URL: embedded SQLite, then PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tidebase.db'}"
+        return
+    if pg_template is None:
+        pytest.skip("PostgreSQL not reachable (set TIDEBASE_TEST_REQUIRE_PG=1 to require it)")
+    name = fresh_pg_database(pg_template)
+    yield _pg_url(name)
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_template: str | None) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database URL (for PostgreSQL-only probes)."""
+    if pg_template is None:
+        pytest.skip("PostgreSQL not reachable (set TIDEBASE_TEST_REQUIRE_PG=1 to require it)")
+    name = fresh_pg_database(pg_template)
+    yield _pg_url(name)
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_pg_url(pg_template: str | None) -> Iterator[str]:
+    """A fresh PostgreSQL database with no tables at all."""
+    if pg_template is None:
+        pytest.skip("PostgreSQL not reachable (set TIDEBASE_TEST_REQUIRE_PG=1 to require it)")
+    name = f"tidebase_e_{uuid.uuid4().hex[:12]}"
+    pg_admin(f'CREATE DATABASE "{name}"')
+    yield _pg_url(name)
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_child(
+    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run Python ``code`` in a fresh interpreter (a real child process) and wait for it."""
+    full_env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

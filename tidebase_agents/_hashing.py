@@ -1,0 +1,98 @@
+"""Canonical JSON and SHA-256 input hashes (contract I5).
+
+For plain JSON values the hash is SHA-256 over ``json.dumps(value, sort_keys=True,
+separators=(",", ":"), ensure_ascii=False)`` encoded as UTF-8. Richer values first take a
+defined canonical form, so equal inputs hash equal in every process.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any
+
+from pydantic import BaseModel
+
+from ._errors import CheckpointSerializationError
+
+
+def canonical(value: Any, *, what: str = "value", path: str = "$") -> Any:
+    """Return the canonical JSON form of ``value`` (plain dicts, lists, str, numbers, bools, None).
+
+    Pydantic models dump in JSON mode, dataclasses as dicts of their fields, enums as their value,
+    datetimes and dates as ISO 8601, bytes as base64, sets as sorted lists, tuples as lists.
+    Anything else raises :class:`CheckpointSerializationError` naming ``what`` and the path.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise CheckpointSerializationError(
+                f"{what}: non-finite float {value!r} at {path} has no JSON form"
+            )
+        return value
+    if isinstance(value, enum.Enum):
+        return canonical(value.value, what=what, path=path)
+    if isinstance(value, BaseModel):
+        return canonical(value.model_dump(mode="json"), what=what, path=path)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: canonical(getattr(value, f.name), what=what, path=f"{path}.{f.name}")
+            for f in dataclasses.fields(value)
+        }
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CheckpointSerializationError(
+                    f"{what}: mapping key {k!r} at {path} is not a string"
+                )
+            out[k] = canonical(v, what=what, path=f"{path}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [canonical(v, what=what, path=f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = [canonical(v, what=what, path=f"{path}{{}}") for v in value]
+        return sorted(items, key=dumps)
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (decimal.Decimal, uuid.UUID, PurePath)):
+        return str(value)
+    raise CheckpointSerializationError(
+        f"{what}: value of type {type(value).__module__}.{type(value).__qualname__} at {path} "
+        f"has no canonical JSON form (use JSON values, pydantic models, dataclasses or enums)"
+    )
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON text of an already-canonical value."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(value: Any, *, what: str = "value") -> str:
+    """SHA-256 (hex) of the canonical JSON of ``value``."""
+    return hashlib.sha256(dumps(canonical(value, what=what)).encode("utf-8")).hexdigest()
+
+
+def parts_hash(parts: Mapping[str, Any], *, what: str = "value") -> tuple[str, dict[str, str]]:
+    """Hash a mapping of named parts; return the whole hash and a hash per part.
+
+    The per-part hashes let a mismatch name which part changed without storing the parts.
+    """
+    per_part = {name: sha256_hex(value, what=f"{what} ({name})") for name, value in parts.items()}
+    return sha256_hex(per_part), per_part

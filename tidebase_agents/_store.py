@@ -1,0 +1,859 @@
+"""Store queries: every read and write the library makes, one async engine per database URL.
+
+Writes made on behalf of an executing run are *fenced*: they run in a transaction that first
+bumps the run's event counter on the condition that the run is still ``running`` under the
+caller's lease token. A zombie whose lease was taken over, or a run cancelled meanwhile, gets
+``LeaseLost`` / ``RunCancelled`` and nothing of its write lands (R6, R12). The same update hands
+out the event sequence numbers, so the event log is gap-free under concurrent writers (R11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ._config import redact, resolve_database_url
+from ._errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    LeaseLost,
+    RunCancelled,
+    RunConflict,
+    RunFailed,
+    RunLocked,
+    RunNotFound,
+    SchemaNotMigrated,
+)
+from ._models import SCHEMA_REVISION, VERSION_TABLE, EventRow, RunRow, StateRow, StepRow, UsageRow
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+TERMINAL_RUN_STATUSES = ("completed", "failed", "cancelled")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """A run as stored."""
+
+    run_id: str
+    pipeline: str
+    status: str
+    input: Any
+    input_hash: str | None
+    output: Any
+    error: Any
+    attempts: int
+    lease_owner: str | None
+    lease_token: int
+    lease_expires_at: dt.datetime | None
+    cancel_requested: bool
+    event_seq: int
+    state_version: int
+    queue: str | None
+    dedupe_key: str | None
+    priority: int
+    scheduled_at: dt.datetime | None
+    max_attempts: int | None
+    deadline: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """A step as stored (also what a step write sends)."""
+
+    name: str
+    status: str
+    input_hash: str
+    input_parts: dict[str, str] | None = None
+    output: Any = None
+    error: Any = None
+    side_effects: list[str] | None = None
+    idempotency_key: str | None = None
+    keyed: bool = False
+    replay: str = "auto"
+    attempts: int = 1
+    lease_token: int = 0
+    started_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    duration_ms: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    kind: str
+    step: str | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRecord:
+    run_id: str
+    seq: int
+    kind: str
+    step: str | None
+    data: Any
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """One usage record; ``dedupe_key`` makes re-recording it a no-op (R9)."""
+
+    dedupe_key: str
+    step: str | None = None
+    kind: str = "llm"
+    provider: str | None = None
+    model: str | None = None
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """What an executor holds: the run and its fencing token."""
+
+    run_id: str
+    token: int
+    owner: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquired:
+    """Result of :meth:`Store.acquire`: a completed run, or a lease plus every checkpoint."""
+
+    run: RunRecord
+    lease: Lease | None
+    steps: dict[str, StepRecord]
+
+
+def _record(cls: type[Any], row: Any) -> Any:
+    m = row._mapping
+    return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls) if f.name in m})
+
+
+_RUN_COLS = [getattr(RunRow, f.name) for f in dataclasses.fields(RunRecord)]
+_STEP_COLS = [getattr(StepRow, f.name) for f in dataclasses.fields(StepRecord)]
+
+
+class Store:
+    """The database side of tidebase-agents. Obtain one with :func:`get_store`."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
+        self.engine: AsyncEngine = self._make_engine(echo)
+        self._ready: asyncio.Future[None] | None = None
+        self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+
+    def _make_engine(self, echo: bool) -> AsyncEngine:
+        if self.dialect == "sqlite":
+            engine = create_async_engine(self.url, echo=echo, connect_args={"timeout": 30})
+
+            @event.listens_for(engine.sync_engine, "connect")
+            def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
+                # Take transaction control from the driver so every transaction is
+                # BEGIN IMMEDIATE: writers queue on the busy timeout instead of failing
+                # on a read-to-write upgrade.
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+
+            @event.listens_for(engine.sync_engine, "begin")
+            def _on_begin(conn: Any) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+            return engine
+        return create_async_engine(
+            self.url, echo=echo, pool_size=10, max_overflow=20, pool_pre_ping=False
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Check the database is reachable and migrated (migrating embedded SQLite)."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            try:
+                await self._open()
+            except BaseException as exc:
+                self._ready.set_exception(exc)
+                self._ready.exception()  # retrieved: a later open() re-raises it
+                fut, self._ready = self._ready, None
+                del fut
+                raise
+            self._ready.set_result(None)
+        await self._ready
+
+    async def _open(self) -> None:
+        if self.dialect == "sqlite":
+            Path(self.engine.url.database or "tidebase.db").parent.mkdir(
+                parents=True, exist_ok=True
+            )
+            await self.migrate()
+            return
+        revision = await self.schema_revision()
+        if revision != SCHEMA_REVISION:
+            state = "has no tidebase tables" if revision is None else f"is at {revision}"
+            raise SchemaNotMigrated(
+                f"database {redact(self.url)} {state}; this version of tidebase-agents needs "
+                f"{SCHEMA_REVISION}. Run `tidebase-agents migrate` (or `alembic upgrade head` "
+                f"from the repository) with TIDEBASE_DATABASE_URL set to it."
+            )
+
+    async def schema_revision(self) -> str | None:
+        """The tidebase Alembic revision of the database, or None if it has none."""
+        try:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(_read_revision)
+        except (OSError, DBAPIError) as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: BaseException) -> DatabaseUnavailable:
+        detail = getattr(exc, "orig", None) or exc
+        return DatabaseUnavailable(f"cannot reach database {redact(self.url)}: {detail}")
+
+    async def migrate(self, revision: str = "head") -> None:
+        """Run the packaged Alembic migrations up to ``revision``."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.run_sync(_run_alembic, "upgrade", revision)
+                await conn.commit()
+        except (OSError, DBAPIError) as exc:
+            if isinstance(exc, (ProgrammingError, IntegrityError)):
+                raise
+            raise self._unavailable(exc) from None
+
+    async def downgrade(self, revision: str = "base") -> None:
+        async with self.engine.connect() as conn:
+            await conn.run_sync(_run_alembic, "downgrade", revision)
+            await conn.commit()
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            if _is_connect_error(exc):
+                raise self._unavailable(exc) from None
+            raise
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        run_id: str,
+        pipeline: str,
+        *,
+        owner: str,
+        lease_seconds: float,
+        input: Any = None,
+        input_hash: str | None = None,
+        create: bool = True,
+        claim_token: int | None = None,
+    ) -> Acquired:
+        """Start or resume ``run_id``: create it, take its lease, or report it completed.
+
+        ``claim_token`` is for a worker that already claimed the run (status ``running`` under
+        that token and ``owner``): the claim becomes the execution's lease.
+
+        Raises ``RunLocked`` while another executor's lease is live, ``RunFailed`` /
+        ``RunCancelled`` for runs that ended so, ``RunConflict`` if the id belongs to another
+        pipeline or was recorded with other arguments. Loads every checkpoint in one query (R8).
+        """
+        for attempt in range(3):
+            try:
+                acquired = await self._acquire_tx(
+                    run_id, pipeline, owner, lease_seconds, input, input_hash, create, claim_token
+                )
+                break
+            except IntegrityError:
+                # Lost a race to create the same run id: it exists now, decide again.
+                if attempt == 2:
+                    raise
+        if acquired.lease is None:
+            return acquired
+        steps = await self.load_steps(run_id)
+        return dataclasses.replace(acquired, steps=steps)
+
+    async def _acquire_tx(
+        self,
+        run_id: str,
+        pipeline: str,
+        owner: str,
+        lease_seconds: float,
+        input: Any,
+        input_hash: str | None,
+        create: bool,
+        claim_token: int | None,
+    ) -> Acquired:
+        now = utcnow()
+        expires = now + dt.timedelta(seconds=lease_seconds)
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    select(*_RUN_COLS).where(RunRow.run_id == run_id).with_for_update()
+                )
+            ).first()
+            if row is None:
+                if not create:
+                    raise RunNotFound(run_id)
+                values = dict(
+                    run_id=run_id,
+                    pipeline=pipeline,
+                    status="running",
+                    input=input,
+                    input_hash=input_hash,
+                    attempts=1,
+                    lease_owner=owner,
+                    lease_token=1,
+                    lease_expires_at=expires,
+                    event_seq=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+                await conn.execute(RunRow.__table__.insert().values(**values))
+                await conn.execute(
+                    EventRow.__table__.insert().values(
+                        run_id=run_id,
+                        seq=1,
+                        kind="run_started",
+                        data={"owner": owner, "pipeline": pipeline},
+                        created_at=now,
+                    )
+                )
+                run = (
+                    await conn.execute(select(*_RUN_COLS).where(RunRow.run_id == run_id))
+                ).first()
+                return Acquired(_record(RunRecord, run), Lease(run_id, 1, owner), {})
+            run = _record(RunRecord, row)
+            if run.pipeline != pipeline:
+                raise RunConflict(
+                    f"run id {run_id!r} belongs to pipeline {run.pipeline!r}, not {pipeline!r}"
+                )
+            if input_hash is not None and run.input_hash not in (None, input_hash):
+                raise RunConflict(
+                    f"run {run_id!r} was started with other arguments (input hash "
+                    f"{(run.input_hash or '')[:16]}, now {input_hash[:16]}); resume it with the "
+                    f"recorded arguments (`.resume(run_id)`) or use a new run id"
+                )
+            if run.status == "completed":
+                return Acquired(run, None, {})
+            if run.status == "failed":
+                raise RunFailed(run_id, run.error)
+            if run.status == "cancelled":
+                raise RunCancelled(run_id)
+            if (
+                claim_token is not None
+                and run.status == "running"
+                and run.lease_token == claim_token
+                and run.lease_owner == owner
+            ):
+                return Acquired(run, Lease(run_id, claim_token, owner), {})
+            if (
+                run.status == "running"
+                and run.lease_expires_at is not None
+                and run.lease_expires_at > now
+            ):
+                raise RunLocked(run_id, run.lease_owner)
+            token = run.lease_token + 1
+            seq = run.event_seq + 1
+            await conn.execute(
+                update(RunRow)
+                .where(RunRow.run_id == run_id)
+                .values(
+                    status="running",
+                    lease_owner=owner,
+                    lease_token=token,
+                    lease_expires_at=expires,
+                    attempts=RunRow.attempts + 1,
+                    event_seq=seq,
+                    updated_at=now,
+                    input=run.input if run.input is not None else input,
+                    input_hash=run.input_hash or input_hash,
+                )
+            )
+            took_over = run.status == "running"
+            await conn.execute(
+                EventRow.__table__.insert().values(
+                    run_id=run_id,
+                    seq=seq,
+                    kind="lease_taken_over" if took_over else "run_resumed",
+                    data={
+                        "owner": owner,
+                        "from_status": run.status,
+                        "previous_owner": run.lease_owner,
+                        "token": token,
+                    },
+                    created_at=now,
+                )
+            )
+            run = dataclasses.replace(
+                run,
+                status="running",
+                lease_owner=owner,
+                lease_token=token,
+                lease_expires_at=expires,
+                attempts=run.attempts + 1,
+                event_seq=seq,
+                input=run.input if run.input is not None else input,
+            )
+            return Acquired(run, Lease(run_id, token, owner), {})
+
+    async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
+        """Every checkpoint of a run, in one query."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(*_STEP_COLS).where(StepRow.run_id == run_id).order_by(StepRow.id)
+            )
+            return {r.name: _record(StepRecord, r) for r in rows}
+
+    async def _fence(
+        self, conn: AsyncConnection, lease: Lease, n_events: int, **values: Any
+    ) -> int:
+        """Refuse the write unless ``lease`` still holds a running run; return the last event seq."""
+        seq = (
+            await conn.execute(
+                update(RunRow)
+                .where(
+                    RunRow.run_id == lease.run_id,
+                    RunRow.lease_token == lease.token,
+                    RunRow.status == "running",
+                )
+                .values(event_seq=RunRow.event_seq + n_events, updated_at=utcnow(), **values)
+                .returning(RunRow.event_seq)
+            )
+        ).scalar()
+        if seq is None:
+            await self._raise_fence_error(conn, lease)
+        return int(seq)  # type: ignore[arg-type]
+
+    async def _raise_fence_error(self, conn: AsyncConnection, lease: Lease) -> None:
+        status = (
+            await conn.execute(select(RunRow.status).where(RunRow.run_id == lease.run_id))
+        ).scalar()
+        if status == "cancelled":
+            raise RunCancelled(lease.run_id)
+        raise LeaseLost(lease.run_id)
+
+    async def _events(
+        self, conn: AsyncConnection, run_id: str, last_seq: int, events: Sequence[Event]
+    ) -> None:
+        if not events:
+            return
+        now = utcnow()
+        first = last_seq - len(events) + 1
+        await conn.execute(
+            EventRow.__table__.insert(),
+            [
+                dict(
+                    run_id=run_id,
+                    seq=first + i,
+                    kind=e.kind,
+                    step=e.step,
+                    data=e.data,
+                    created_at=now,
+                )
+                for i, e in enumerate(events)
+            ],
+        )
+
+    async def write_step(
+        self,
+        lease: Lease,
+        step: StepRecord,
+        *,
+        events: Sequence[Event] = (),
+        usage: Sequence[Usage] = (),
+        run_values: dict[str, Any] | None = None,
+    ) -> None:
+        """Insert or update a step under the lease, with its events and usage, in one commit."""
+        values = dataclasses.asdict(step)
+        values["run_id"] = lease.run_id
+        values["started_at"] = values["started_at"] or utcnow()
+        stmt = self._insert(StepRow.__table__).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "name"],
+            set_={k: stmt.excluded[k] for k in values if k not in ("run_id", "name", "started_at")},
+        )
+        async with self._tx() as conn:
+            seq = await self._fence(conn, lease, len(events), **(run_values or {}))
+            await conn.execute(stmt)
+            await self._events(conn, lease.run_id, seq, events)
+            if usage:
+                await self._usage(conn, lease.run_id, usage)
+
+    async def _usage(self, conn: AsyncConnection, run_id: str, usage: Sequence[Usage]) -> None:
+        now = utcnow()
+        stmt = self._insert(UsageRow.__table__).on_conflict_do_nothing(
+            index_elements=["run_id", "dedupe_key"]
+        )
+        await conn.execute(
+            stmt, [dict(dataclasses.asdict(u), run_id=run_id, created_at=now) for u in usage]
+        )
+
+    async def record_usage(self, lease: Lease, usage: Sequence[Usage]) -> None:
+        async with self._tx() as conn:
+            await self._fence(conn, lease, 0)
+            await self._usage(conn, lease.run_id, usage)
+
+    async def append_state(self, lease: Lease, version: int, value: Any) -> None:
+        """Append state version ``version`` (R10)."""
+        async with self._tx() as conn:
+            seq = await self._fence(conn, lease, 1, state_version=version)
+            await conn.execute(
+                StateRow.__table__.insert().values(
+                    run_id=lease.run_id, version=version, value=value, created_at=utcnow()
+                )
+            )
+            await self._events(
+                conn, lease.run_id, seq, [Event("state_set", data={"version": version})]
+            )
+
+    async def finish(
+        self,
+        lease: Lease,
+        status: str,
+        *,
+        output: Any = None,
+        error: Any = None,
+        event: Event,
+    ) -> None:
+        """End the execution: complete, fail, or park the run, and release its lease."""
+        now = utcnow()
+        terminal = status in TERMINAL_RUN_STATUSES
+        async with self._tx() as conn:
+            seq = await self._fence(
+                conn,
+                lease,
+                1,
+                status=status,
+                output=output,
+                error=error,
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=now if terminal else None,
+            )
+            await self._events(conn, lease.run_id, seq, [event])
+
+    async def heartbeat(self, lease: Lease, lease_seconds: float) -> None:
+        """Extend the lease; raises ``LeaseLost`` or ``RunCancelled`` when it is gone."""
+        async with self._tx() as conn:
+            ok = (
+                await conn.execute(
+                    update(RunRow)
+                    .where(
+                        RunRow.run_id == lease.run_id,
+                        RunRow.lease_token == lease.token,
+                        RunRow.status == "running",
+                    )
+                    .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+                    .returning(RunRow.run_id)
+                )
+            ).scalar()
+            if ok is None:
+                await self._raise_fence_error(conn, lease)
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> str:
+        """Cancel a run that has not ended; return its status afterwards. One-way (R12)."""
+        now = utcnow()
+        async with self._tx() as conn:
+            run = (
+                await conn.execute(
+                    select(RunRow.status, RunRow.event_seq)
+                    .where(RunRow.run_id == run_id)
+                    .with_for_update()
+                )
+            ).first()
+            if run is None:
+                raise RunNotFound(run_id)
+            if run.status in TERMINAL_RUN_STATUSES:
+                return str(run.status)
+            seq = run.event_seq + 1
+            await conn.execute(
+                update(RunRow)
+                .where(RunRow.run_id == run_id)
+                .values(
+                    status="cancelled",
+                    cancel_requested=True,
+                    finished_at=now,
+                    updated_at=now,
+                    event_seq=seq,
+                    lease_expires_at=None,
+                )
+            )
+            await conn.execute(
+                EventRow.__table__.insert().values(
+                    run_id=run_id,
+                    seq=seq,
+                    kind="run_cancelled",
+                    data={"from_status": run.status, "reason": reason},
+                    created_at=now,
+                )
+            )
+            return "cancelled"
+
+    async def review_step(
+        self, run_id: str, step: str, action: str, output: Any = None
+    ) -> StepRecord:
+        """Resolve a step parked in ``manual_review``: ``retry``, ``output`` or ``fail``."""
+        if action not in ("retry", "output", "fail"):
+            raise ConfigurationError(f"unknown review action {action!r}")
+        now = utcnow()
+        async with self._tx() as conn:
+            run = (
+                await conn.execute(
+                    select(RunRow.status, RunRow.event_seq)
+                    .where(RunRow.run_id == run_id)
+                    .with_for_update()
+                )
+            ).first()
+            if run is None:
+                raise RunNotFound(run_id)
+            row = (
+                await conn.execute(
+                    select(*_STEP_COLS).where(StepRow.run_id == run_id, StepRow.name == step)
+                )
+            ).first()
+            if row is None or row.status != "manual_review":
+                state = "does not exist" if row is None else f"is {row.status}"
+                raise ConfigurationError(
+                    f"step {step!r} of run {run_id!r} {state}; only manual_review steps are reviewed"
+                )
+            step_status = {"retry": "failed_retryable", "output": "completed", "fail": "failed"}[
+                action
+            ]
+            run_status = "failed" if action == "fail" else "failed_retryable"
+            if run.status in TERMINAL_RUN_STATUSES:
+                run_status = run.status
+            step_values: dict[str, Any] = {"status": step_status}
+            if action == "output":
+                step_values.update(output=output, completed_at=now, error=None)
+            await conn.execute(
+                update(StepRow)
+                .where(StepRow.run_id == run_id, StepRow.name == step)
+                .values(**step_values)
+            )
+            seq = run.event_seq + 1
+            run_values: dict[str, Any] = {"status": run_status, "updated_at": now, "event_seq": seq}
+            if action == "fail":
+                run_values.update(
+                    error={"step": step, "message": "failed by operator review"}, finished_at=now
+                )
+            await conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(**run_values))
+            await conn.execute(
+                EventRow.__table__.insert().values(
+                    run_id=run_id,
+                    seq=seq,
+                    kind=f"step_review_{action}",
+                    step=step,
+                    data=None,
+                    created_at=now,
+                )
+            )
+            return dataclasses.replace(_record(StepRecord, row), **step_values)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(*_RUN_COLS).where(RunRow.run_id == run_id))).first()
+        if row is None:
+            raise RunNotFound(run_id)
+        return _record(RunRecord, row)  # type: ignore[no-any-return]
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        pipeline: str | None = None,
+        queue: str | None = None,
+        since: dt.datetime | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        q = select(*_RUN_COLS).order_by(RunRow.created_at.desc()).limit(limit)
+        if status:
+            q = q.where(RunRow.status == status)
+        if pipeline:
+            q = q.where(RunRow.pipeline == pipeline)
+        if queue:
+            q = q.where(RunRow.queue == queue)
+        if since:
+            q = q.where(RunRow.created_at >= since)
+        async with self.engine.connect() as conn:
+            return [_record(RunRecord, r) for r in await conn.execute(q)]
+
+    async def get_events(self, run_id: str) -> list[EventRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(
+                    EventRow.run_id,
+                    EventRow.seq,
+                    EventRow.kind,
+                    EventRow.step,
+                    EventRow.data,
+                    EventRow.created_at,
+                )
+                .where(EventRow.run_id == run_id)
+                .order_by(EventRow.seq)
+            )
+            return [_record(EventRecord, r) for r in rows]
+
+    async def get_state(self, run_id: str) -> list[tuple[int, Any]]:
+        """Every state version of a run, oldest first."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(StateRow.version, StateRow.value)
+                .where(StateRow.run_id == run_id)
+                .order_by(StateRow.version)
+            )
+            return [(r.version, r.value) for r in rows]
+
+    async def get_usage(self, run_id: str) -> list[Usage]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(UsageRow).where(UsageRow.run_id == run_id).order_by(UsageRow.id)
+            )
+            return [_record(Usage, r) for r in rows]
+
+    async def usage_totals(
+        self,
+        by: Sequence[str] = ("pipeline", "model"),
+        *,
+        run_id: str | None = None,
+        pipeline: str | None = None,
+        since: dt.datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Token totals grouped by any of ``run_id``, ``pipeline``, ``model``, ``kind``."""
+        allowed = {
+            "run_id": UsageRow.run_id,
+            "pipeline": RunRow.pipeline,
+            "model": UsageRow.model,
+            "kind": UsageRow.kind,
+            "provider": UsageRow.provider,
+        }
+        unknown = [b for b in by if b not in allowed]
+        if unknown:
+            raise ConfigurationError(f"cannot group usage by {unknown}; use {sorted(allowed)}")
+        keys = [allowed[b].label(b) for b in by]
+        sums = [
+            func.sum(getattr(UsageRow, c)).label(c)
+            for c in (
+                "requests",
+                "input_tokens",
+                "output_tokens",
+                "cached_tokens",
+                "reasoning_tokens",
+                "total_tokens",
+            )
+        ]
+        q = (
+            select(*keys, *sums, func.count().label("records"))
+            .join(RunRow, RunRow.run_id == UsageRow.run_id)
+            .group_by(*keys)
+            .order_by(*keys)
+        )
+        if run_id:
+            q = q.where(UsageRow.run_id == run_id)
+        if pipeline:
+            q = q.where(RunRow.pipeline == pipeline)
+        if since:
+            q = q.where(UsageRow.created_at >= since)
+        async with self.engine.connect() as conn:
+            return [
+                {k: (int(v) if k not in by and v is not None else v) for k, v in r._mapping.items()}
+                for r in await conn.execute(q)
+            ]
+
+
+def _is_connect_error(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return "connect" in text or "unable to open" in text
+
+
+def _read_revision(sync_conn: Any) -> str | None:
+    from sqlalchemy import inspect as sa_inspect
+    from sqlalchemy import text
+
+    if not sa_inspect(sync_conn).has_table(VERSION_TABLE):
+        return None
+    return sync_conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()  # type: ignore[no-any-return]
+
+
+def alembic_config(connection: Any = None) -> Any:
+    """An Alembic config for the packaged migrations, optionally bound to ``connection``."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _run_alembic(sync_conn: Any, direction: str, revision: str) -> None:
+    from alembic import command
+
+    getattr(command, direction)(alembic_config(sync_conn), revision)
+
+
+# One engine per (URL, event loop): pooled connections belong to the loop that made them.
+_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Store]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_store(url: str | None = None) -> Store:
+    """The shared :class:`Store` for ``url`` (resolved per :func:`resolve_database_url`)."""
+    resolved = resolve_database_url(url)
+    loop = asyncio.get_running_loop()
+    per_loop = _stores.setdefault(loop, {})
+    store = per_loop.get(resolved)
+    if store is None:
+        store = per_loop[resolved] = Store(resolved)
+    return store
+
+
+async def close_stores() -> None:
+    """Dispose every engine made on the running loop."""
+    per_loop = _stores.pop(asyncio.get_running_loop(), {})
+    for store in per_loop.values():
+        await store.close()
+
+
+def json_size(value: Any) -> int:
+    """Size in bytes of ``value`` as compact JSON."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
