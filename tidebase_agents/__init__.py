@@ -18,11 +18,14 @@ from ._errors import (
     StepNeedsReview,
     TidebaseError,
 )
+from ._pipeline import CheckpointedPipeline, checkpointed_pipeline
 from ._runtime import AsyncTidebase, Run, Tidebase
+from ._tools import durable_tool
 
 __all__ = [
     "AsyncTidebase",
     "CheckpointSerializationError",
+    "CheckpointedPipeline",
     "ConfigurationError",
     "DatabaseUnavailable",
     "LeaseLost",
@@ -40,6 +43,8 @@ __all__ = [
     "StepNeedsReview",
     "Tidebase",
     "TidebaseError",
+    "checkpointed_pipeline",
     "current_run",
+    "durable_tool",
     "idempotency_key",
 ]

@@ -39,6 +39,9 @@ class ToolCall:
     """The durable tool call being executed in this task, for :func:`idempotency_key`."""
 
     key: str
+    #: Keyed by an ``idempotency_key=`` function given to the decorator.
+    explicit: bool = False
+    #: The body read :func:`idempotency_key` (R3: only then is an unkeyed tool keyed).
     key_read: bool = False
 
 

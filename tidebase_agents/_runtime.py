@@ -20,7 +20,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import _codec
@@ -116,6 +116,23 @@ class StepSpec:
     tool_call: ToolCall | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What to do with a step given its checkpoint: ``replay``, ``park`` or ``execute``."""
+
+    kind: str
+    record: StepRecord | None = None
+    attempts: int = 1
+    in_doubt: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    attempts: int
+    started: Any
+    t0: float
+
+
 class Run:
     """The context a pipeline executes in (``current_run()``)."""
 
@@ -131,6 +148,7 @@ class Run:
         self._state_value: Any = None
         self._state_loaded = acquired.run.state_version == 0
         self._lost: TidebaseError | None = None
+        self.loop = asyncio.get_running_loop()
         self._lease_deadline = time.monotonic() + tide.lease_seconds
         self._pending: set[asyncio.Task[Any]] = set()
         self._outcome: str | None = None
@@ -267,8 +285,17 @@ class Run:
 
     # -- the executor ----------------------------------------------------------------------
 
+    @property
+    def root_scope(self) -> Scope:
+        return self._root
+
     def recorded(self, name: str) -> StepRecord | None:
+        """The checkpoint of step ``name`` as this execution knows it."""
         return self._steps.get(name)
+
+    def recorded_names(self, prefix: str) -> list[str]:
+        """Names of recorded steps starting with ``prefix``."""
+        return [name for name in self._steps if name.startswith(prefix)]
 
     def _check_live(self) -> None:
         if self._lost is not None:
@@ -277,68 +304,94 @@ class Run:
             # The heartbeat could not renew in time: another executor may own the run now.
             raise LeaseLost(self.run_id)
 
-    async def execute(self, spec: StepSpec) -> Any:
-        """Replay ``spec`` from its checkpoint or execute it and record the outcome."""
+    def lookup(self, spec: StepSpec) -> Decision:
+        """Decide from the prefetched checkpoint whether ``spec`` replays, parks or executes.
+
+        Raises :class:`StepInputMismatch` (R2), :class:`StepNeedsReview` (R4) and
+        :class:`StepFailed` before anything runs or is written.
+        """
         self._check_live()
         rec = self._steps.get(spec.name)
-        attempts = 1
-        in_doubt = False
-        if rec is not None:
-            if rec.status != "failed_retryable" and rec.input_hash != spec.input_hash:
-                raise StepInputMismatch(
-                    self.run_id,
-                    spec.name,
-                    rec.input_hash,
-                    spec.input_hash,
-                    _changed_parts(rec.input_parts, spec.input_parts),
-                )
-            if rec.status == "completed":
-                self.replayed.append(spec.name)
-                if rec.error is not None and spec.raise_error is not None:
-                    spec.raise_error(rec.error)
-                return await spec.decode(rec.output)
-            if rec.status == "manual_review":
-                self._outcome = "manual_review"
-                raise StepNeedsReview(self.run_id, spec.name, _reason(rec.error))
-            if rec.status == "failed":
-                self._outcome = "failed"
-                raise StepFailed(self.run_id, spec.name, _reason(rec.error))
-            attempts = rec.attempts + 1
-            if rec.status == "running":
-                in_doubt = True
-                if rec.side_effects and not rec.keyed:
-                    await self._write(
-                        spec,
-                        "manual_review",
-                        attempts=rec.attempts,
-                        error={
-                            "message": "in doubt: the executor died during an unkeyed "
-                            "external write, which may or may not have happened"
-                        },
-                        events=[Event("step_in_doubt", spec.name, {"action": "manual_review"})],
-                    )
-                    self._outcome = "manual_review"
-                    raise StepNeedsReview(self.run_id, spec.name, "in doubt after a crash")
-        started = utcnow()
-        t0 = time.perf_counter()
+        if rec is None:
+            return Decision("execute")
+        if rec.status != "failed_retryable" and rec.input_hash != spec.input_hash:
+            raise StepInputMismatch(
+                self.run_id,
+                spec.name,
+                rec.input_hash,
+                spec.input_hash,
+                _changed_parts(rec.input_parts, spec.input_parts),
+            )
+        if rec.status == "completed":
+            self.replayed.append(spec.name)
+            if rec.error is not None and spec.raise_error is not None:
+                spec.raise_error(rec.error)
+            return Decision("replay", rec)
+        if rec.status == "manual_review":
+            self._outcome = "manual_review"
+            raise StepNeedsReview(self.run_id, spec.name, _reason(rec.error))
+        if rec.status == "failed":
+            self._outcome = "failed"
+            raise StepFailed(self.run_id, spec.name, _reason(rec.error))
+        if rec.status == "running" and rec.side_effects and not rec.keyed:
+            return Decision("park", rec, rec.attempts)
+        return Decision("execute", rec, rec.attempts + 1, in_doubt=rec.status == "running")
+
+    async def execute(self, spec: StepSpec) -> Any:
+        """Replay ``spec`` from its checkpoint or execute it and record the outcome."""
+        decision = self.lookup(spec)
+        if decision.kind == "replay":
+            assert decision.record is not None
+            return await spec.decode(decision.record.output)
+        execution = await self.begin(spec, decision)
+        value, error, tries = await self._attempts(spec)
+        return await self.conclude(spec, execution, value, error, tries)
+
+    async def begin(self, spec: StepSpec, decision: Decision) -> Execution:
+        """Start executing a step: park an unkeyed in-doubt write (R5), or write the intent
+        record of a side-effecting step."""
+        if decision.kind == "park":
+            await self._write(
+                spec,
+                "manual_review",
+                attempts=decision.attempts,
+                error={
+                    "message": "in doubt: the executor died during an unkeyed external "
+                    "write, which may or may not have happened"
+                },
+                events=[Event("step_in_doubt", spec.name, {"action": "manual_review"})],
+            )
+            self._outcome = "manual_review"
+            raise StepNeedsReview(self.run_id, spec.name, "in doubt after a crash")
+        execution = Execution(decision.attempts, utcnow(), time.perf_counter())
         if spec.side_effects:
-            kind = "step_in_doubt" if in_doubt else "step_started"
+            kind = "step_in_doubt" if decision.in_doubt else "step_started"
             data = (
                 {"action": "reexecute", "idempotency_key": spec.idempotency_key}
-                if in_doubt
+                if decision.in_doubt
                 else None
             )
             await self._write(
                 spec,
                 "running",
-                attempts=attempts,
-                started_at=started,
+                attempts=decision.attempts,
+                started_at=execution.started,
                 events=[Event(kind, spec.name, data)],
             )
-        elif in_doubt:
+        elif decision.in_doubt:
             log.info("re-executing in-doubt step %s of run %s", spec.name, self.run_id)
-        value, error, tries = await self._attempts(spec)
-        attempts += tries - 1
+        return execution
+
+    async def conclude(
+        self,
+        spec: StepSpec,
+        execution: Execution,
+        value: Any,
+        error: BaseException | None,
+        tries: int = 1,
+    ) -> Any:
+        """Record how an executed step ended; return its value or raise its error (R3)."""
+        attempts = execution.attempts + tries - 1
         encoded: Any = None
         if error is None:
             try:
@@ -346,19 +399,20 @@ class Run:
                 self._check_size(spec.name, encoded)
             except CheckpointSerializationError as exc:
                 error = exc
-        duration = (time.perf_counter() - t0) * 1000
-        keyed = spec.keyed or (spec.tool_call is not None and spec.tool_call.key_read)
+        duration = (time.perf_counter() - execution.t0) * 1000
+        call = spec.tool_call
+        keyed = spec.keyed if call is None else (call.explicit or call.key_read)
+        common: dict[str, Any] = dict(
+            attempts=attempts, keyed=keyed, started_at=execution.started, duration_ms=duration
+        )
         if error is None:
             await self._write(
                 spec,
                 "completed",
-                attempts=attempts,
                 output=encoded,
-                keyed=keyed,
-                started_at=started,
-                duration_ms=duration,
                 usage=spec.usage(value) if spec.usage else (),
                 events=[Event("step_completed", spec.name, {"attempts": attempts})],
+                **common,
             )
             self.executed.append(spec.name)
             return value
@@ -369,13 +423,10 @@ class Run:
             await self._write(
                 spec,
                 "completed",
-                attempts=attempts,
                 error=recorded,
-                keyed=keyed,
-                started_at=started,
-                duration_ms=duration,
                 usage=spec.usage(run_data) if spec.usage and run_data is not None else (),
                 events=[Event("step_completed", spec.name, {"error": recorded.get("type")})],
+                **common,
             )
             self.executed.append(spec.name)
             raise error
@@ -383,12 +434,9 @@ class Run:
         await self._write(
             spec,
             status,
-            attempts=attempts,
             error=_error_record(error),
-            keyed=keyed,
-            started_at=started,
-            duration_ms=duration,
             events=[Event(f"step_{status}", spec.name, _error_record(error))],
+            **common,
         )
         if status in ("manual_review", "failed"):
             self._outcome = status
@@ -414,18 +462,23 @@ class Run:
                 await asyncio.sleep(delay * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    async def _call(self, spec: StepSpec) -> Any:
+    @contextlib.contextmanager
+    def step_scope(self, spec: StepSpec) -> Iterator[None]:
+        """Run code as the body of ``spec``: nested steps are named inside it."""
         scope_token = _scope.set((_scope.get() or self._root).child(spec.name))
-        call_token = _tool_call.set(spec.tool_call) if spec.tool_call is not None else None
+        call_token = _tool_call.set(spec.tool_call)
         try:
+            yield
+        finally:
+            _tool_call.reset(call_token)
+            _scope.reset(scope_token)
+
+    async def _call(self, spec: StepSpec) -> Any:
+        with self.step_scope(spec):
             out = spec.fn()
             if inspect.isawaitable(out):
                 out = await out
             return out
-        finally:
-            if call_token is not None:
-                _tool_call.reset(call_token)
-            _scope.reset(scope_token)
 
     def _classify(self, spec: StepSpec, keyed: bool) -> str:
         """Final-failure classification (R3)."""
@@ -645,6 +698,9 @@ class Tidebase:
         if not isinstance(pipeline, str) or not pipeline:
             raise ConfigurationError("pipeline name must be a non-empty string")
         run_id = validate_run_id(run_id if run_id is not None else new_run_id())
+        from ._integration import ensure_installed
+
+        ensure_installed()
         store = await self._open_store()
         acquired = await store.acquire(
             run_id,

@@ -1,0 +1,204 @@
+"""``@checkpointed_pipeline``: a pipeline function whose every invocation is a durable run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from . import _codec
+from ._errors import ConfigurationError, RunNotFound
+from ._hashing import sha256_hex
+from ._runtime import Tidebase
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_registry: dict[str, CheckpointedPipeline[Any, Any]] = {}
+
+
+def registered_pipelines() -> dict[str, CheckpointedPipeline[Any, Any]]:
+    """Pipelines registered by name in this process (what a worker can execute)."""
+    return dict(_registry)
+
+
+def get_pipeline(name: str) -> CheckpointedPipeline[Any, Any]:
+    try:
+        return _registry[name]
+    except KeyError:
+        known = ", ".join(sorted(_registry)) or "none"
+        raise ConfigurationError(
+            f"no pipeline named {name!r} is registered in this process (registered: {known}); "
+            f"import the module that defines it"
+        ) from None
+
+
+class CheckpointedPipeline(Generic[P, R]):
+    """A registered, checkpointed pipeline. Call it like the original function, plus
+    ``run_id=`` to create or resume a specific run."""
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]],
+        name: str,
+        *,
+        tide: Tidebase | None = None,
+        database_url: str | None = None,
+        lease_seconds: float | None = None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"@checkpointed_pipeline needs an async function, got {fn!r}")
+        self._sig = inspect.signature(fn)
+        if "run_id" in self._sig.parameters:
+            raise TypeError(
+                f"{fn.__qualname__} declares a parameter named 'run_id', which "
+                f"@checkpointed_pipeline reserves for the run id; rename the parameter"
+            )
+        if tide is not None and (database_url is not None or lease_seconds is not None):
+            raise TypeError("pass either tide= or database_url=/lease_seconds=, not both")
+        self.fn = fn
+        self.name = name
+        self.tide = tide or Tidebase(
+            database_url, **({"lease_seconds": lease_seconds} if lease_seconds else {})
+        )
+        functools.update_wrapper(self, fn)
+        _registry[name] = self
+
+    def _record_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
+        try:
+            bound = self._sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}: {exc}") from None
+        data = {
+            "args": _codec.encode(list(bound.args), what=f"arguments of pipeline {self.name!r}"),
+            "kwargs": _codec.encode(bound.kwargs, what=f"arguments of pipeline {self.name!r}"),
+        }
+        return data, sha256_hex(data, what=f"arguments of pipeline {self.name!r}")
+
+    async def _execute(
+        self,
+        run_id: str | None,
+        data: Any,
+        input_hash: str | None,
+        *,
+        create: bool = True,
+        owner: str | None = None,
+        claim_token: int | None = None,
+    ) -> R:
+        async def body(_run: Any) -> R:
+            return await self.fn(*_codec.decode(data["args"]), **_codec.decode(data["kwargs"]))
+
+        result: R = await self.tide.execute_run(
+            self.name,
+            run_id,
+            data,
+            input_hash,
+            body,
+            create=create,
+            owner=owner,
+            claim_token=claim_token,
+        )
+        return result
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        run_id = kwargs.pop("run_id", None)
+        data, input_hash = self._record_args(args, kwargs)
+        return await self._execute(run_id, data, input_hash)  # type: ignore[arg-type]
+
+    async def resume(self, run_id: str) -> R:
+        """Re-invoke run ``run_id`` with the arguments it was recorded with."""
+        run = await self.tide.get_run(run_id)
+        if run.pipeline != self.name:
+            raise RunNotFound(run_id)
+        return await self._execute(run_id, run.input, run.input_hash, create=False)
+
+    async def run_claimed(self, run_id: str, *, owner: str, claim_token: int) -> R:
+        """Execute a run a worker claimed from the queue under ``claim_token``."""
+        run = await self.tide.get_run(run_id)
+        return await self._execute(
+            run_id, run.input, run.input_hash, create=False, owner=owner, claim_token=claim_token
+        )
+
+    async def enqueue(
+        self,
+        *args: Any,
+        run_id: str | None = None,
+        queue: str = "default",
+        dedupe_key: str | None = None,
+        priority: int = 0,
+        delay: float | dt.timedelta | None = None,
+        max_attempts: int | None = None,
+        deadline: dt.datetime | dt.timedelta | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Record a queued run for a worker to execute; return its run id (P1).
+
+        At most one active run exists per ``(queue, dedupe_key)``: enqueueing again while one
+        is active returns the active run's id.
+        """
+        from ._queue import enqueue
+
+        data, input_hash = self._record_args(args, kwargs)
+        store = self.tide.store
+        await store.open()
+        return await enqueue(
+            store,
+            self.name,
+            data,
+            input_hash,
+            run_id=run_id,
+            queue=queue,
+            dedupe_key=dedupe_key,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            deadline=deadline,
+        )
+
+
+@overload
+def checkpointed_pipeline(name: Callable[P, Awaitable[R]], /) -> CheckpointedPipeline[P, R]: ...
+
+
+@overload
+def checkpointed_pipeline(
+    name: str | None = None,
+    /,
+    *,
+    database_url: str | None = None,
+    tide: Tidebase | None = None,
+    lease_seconds: float | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], CheckpointedPipeline[P, R]]: ...
+
+
+def checkpointed_pipeline(
+    name: str | Callable[..., Any] | None = None,
+    /,
+    *,
+    database_url: str | None = None,
+    tide: Tidebase | None = None,
+    lease_seconds: float | None = None,
+) -> Any:
+    """Make an async pipeline function durable.
+
+    Inside it, every ``Runner.run`` / ``run_sync`` / ``run_streamed`` and every
+    ``@durable_tool`` call is a checkpoint. Usable bare (the name is ``module:qualname``) or
+    with a name; ``database_url`` or ``tide`` pick the database (default
+    ``$TIDEBASE_DATABASE_URL``, else embedded SQLite).
+    """
+    if callable(name):
+        fn = name
+        return CheckpointedPipeline(fn, f"{fn.__module__}:{fn.__qualname__}")
+
+    def decorate(fn: Callable[P, Awaitable[R]]) -> CheckpointedPipeline[P, R]:
+        return CheckpointedPipeline(
+            fn,
+            name or f"{fn.__module__}:{fn.__qualname__}",
+            tide=tide,
+            database_url=database_url,
+            lease_seconds=lease_seconds,
+        )
+
+    return decorate
