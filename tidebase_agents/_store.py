@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from . import _store_pg as pg
 from ._config import redact, resolve_database_url
 from ._errors import (
     ConfigurationError,
@@ -148,6 +149,7 @@ class Acquired:
     run: RunRecord
     lease: Lease | None
     steps: dict[str, StepRecord]
+    created: bool = False
 
 
 def _record(cls: type[Any], row: Any) -> Any:
@@ -168,6 +170,9 @@ class Store:
         self.engine: AsyncEngine = self._make_engine(echo)
         self._ready: asyncio.Future[None] | None = None
         self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        # PostgreSQL writes go out as single statements in autocommit (see _store_pg).
+        self._pg = self.dialect == "postgresql"
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def _make_engine(self, echo: bool) -> AsyncEngine:
         if self.dialect == "sqlite":
@@ -294,6 +299,13 @@ class Store:
         ``RunCancelled`` for runs that ended so, ``RunConflict`` if the id belongs to another
         pipeline or was recorded with other arguments. Loads every checkpoint in one query (R8).
         """
+        if self._pg and create and claim_token is None:
+            # Most invocations start a new run: try that in one round trip first.
+            created = await self._pg_create(
+                run_id, pipeline, owner, lease_seconds, input, input_hash
+            )
+            if created is not None:
+                return created
         for attempt in range(3):
             try:
                 acquired = await self._acquire_tx(
@@ -304,8 +316,8 @@ class Store:
                 # Lost a race to create the same run id: it exists now, decide again.
                 if attempt == 2:
                     raise
-        if acquired.lease is None:
-            return acquired
+        if acquired.lease is None or (acquired.run.attempts == 1 and acquired.run.event_seq == 1):
+            return acquired  # completed, or just created: no checkpoints to load
         steps = await self.load_steps(run_id)
         return dataclasses.replace(acquired, steps=steps)
 
@@ -355,10 +367,7 @@ class Store:
                         created_at=now,
                     )
                 )
-                run = (
-                    await conn.execute(select(*_RUN_COLS).where(RunRow.run_id == run_id))
-                ).first()
-                return Acquired(_record(RunRecord, run), Lease(run_id, 1, owner), {})
+                return _created(run_id, pipeline, owner, expires, input, input_hash, now)
             run = _record(RunRecord, row)
             if run.pipeline != pipeline:
                 raise RunConflict(
@@ -433,6 +442,41 @@ class Store:
             )
             return Acquired(run, Lease(run_id, token, owner), {})
 
+    async def _pg_create(
+        self,
+        run_id: str,
+        pipeline: str,
+        owner: str,
+        lease_seconds: float,
+        input: Any,
+        input_hash: str | None,
+    ) -> Acquired | None:
+        """Create the run under a new lease in one statement; None if the id exists."""
+        now = utcnow()
+        expires = now + dt.timedelta(seconds=lease_seconds)
+        try:
+            async with self._autocommit.connect() as conn:
+                created = (
+                    await conn.exec_driver_sql(
+                        pg.CREATE_RUN,
+                        (
+                            run_id,
+                            pipeline,
+                            pg.jsonb(input),
+                            input_hash,
+                            owner,
+                            expires,
+                            now,
+                            pg.jsonb({"owner": owner, "pipeline": pipeline}),
+                        ),
+                    )
+                ).scalar()
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+        if created is None:
+            return None
+        return _created(run_id, pipeline, owner, expires, input, input_hash, now)
+
     async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
         """Every checkpoint of a run, in one query."""
         async with self.engine.connect() as conn:
@@ -498,23 +542,47 @@ class Store:
         *,
         events: Sequence[Event] = (),
         usage: Sequence[Usage] = (),
-        run_values: dict[str, Any] | None = None,
     ) -> None:
         """Insert or update a step under the lease, with its events and usage, in one commit."""
+        now = utcnow()
+        if self._pg:
+            await self._pg_fenced(
+                lease,
+                pg.WRITE_STEP,
+                len(events),
+                now,
+                *pg.step_params(step, now),
+                pg.events_param(events),
+                pg.usage_param(usage),
+            )
+            return
         values = dataclasses.asdict(step)
         values["run_id"] = lease.run_id
-        values["started_at"] = values["started_at"] or utcnow()
+        values["started_at"] = values["started_at"] or now
         stmt = self._insert(StepRow.__table__).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=["run_id", "name"],
             set_={k: stmt.excluded[k] for k in values if k not in ("run_id", "name", "started_at")},
         )
         async with self._tx() as conn:
-            seq = await self._fence(conn, lease, len(events), **(run_values or {}))
+            seq = await self._fence(conn, lease, len(events))
             await conn.execute(stmt)
             await self._events(conn, lease.run_id, seq, events)
             if usage:
                 await self._usage(conn, lease.run_id, usage)
+
+    async def _pg_fenced(self, lease: Lease, sql: str, *params: Any) -> int:
+        """Run one of the single-statement fenced writes of :mod:`._store_pg`."""
+        try:
+            async with self._autocommit.connect() as conn:
+                seq = (
+                    await conn.exec_driver_sql(sql, (lease.run_id, lease.token, *params))
+                ).scalar()
+                if seq is None:
+                    await self._raise_fence_error(conn, lease)
+                return int(seq)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise self._unavailable(exc) from None
 
     async def _usage(self, conn: AsyncConnection, run_id: str, usage: Sequence[Usage]) -> None:
         now = utcnow()
@@ -526,12 +594,27 @@ class Store:
         )
 
     async def record_usage(self, lease: Lease, usage: Sequence[Usage]) -> None:
+        if self._pg:
+            await self._pg_fenced(lease, pg.RECORD_USAGE, 0, utcnow(), pg.usage_param(usage))
+            return
         async with self._tx() as conn:
             await self._fence(conn, lease, 0)
             await self._usage(conn, lease.run_id, usage)
 
     async def append_state(self, lease: Lease, version: int, value: Any) -> None:
         """Append state version ``version`` (R10)."""
+        event = [Event("state_set", data={"version": version})]
+        if self._pg:
+            await self._pg_fenced(
+                lease,
+                pg.APPEND_STATE,
+                1,
+                utcnow(),
+                version,
+                pg.jsonb(value),
+                pg.events_param(event),
+            )
+            return
         async with self._tx() as conn:
             seq = await self._fence(conn, lease, 1, state_version=version)
             await conn.execute(
@@ -539,9 +622,7 @@ class Store:
                     run_id=lease.run_id, version=version, value=value, created_at=utcnow()
                 )
             )
-            await self._events(
-                conn, lease.run_id, seq, [Event("state_set", data={"version": version})]
-            )
+            await self._events(conn, lease.run_id, seq, event)
 
     async def finish(
         self,
@@ -554,7 +635,20 @@ class Store:
     ) -> None:
         """End the execution: complete, fail, or park the run, and release its lease."""
         now = utcnow()
-        terminal = status in TERMINAL_RUN_STATUSES
+        finished_at = now if status in TERMINAL_RUN_STATUSES else None
+        if self._pg:
+            await self._pg_fenced(
+                lease,
+                pg.FINISH,
+                1,
+                now,
+                status,
+                pg.jsonb(output),
+                pg.jsonb(error),
+                finished_at,
+                pg.events_param([event]),
+            )
+            return
         async with self._tx() as conn:
             seq = await self._fence(
                 conn,
@@ -565,7 +659,7 @@ class Store:
                 error=error,
                 lease_owner=None,
                 lease_expires_at=None,
-                finished_at=now if terminal else None,
+                finished_at=finished_at,
             )
             await self._events(conn, lease.run_id, seq, [event])
 
@@ -797,6 +891,44 @@ class Store:
                 {k: (int(v) if k not in by and v is not None else v) for k, v in r._mapping.items()}
                 for r in await conn.execute(q)
             ]
+
+
+def _created(
+    run_id: str,
+    pipeline: str,
+    owner: str,
+    expires: dt.datetime,
+    input: Any,
+    input_hash: str | None,
+    now: dt.datetime,
+) -> Acquired:
+    """What :meth:`Store.acquire` returns for a run it just created."""
+    run = RunRecord(
+        run_id=run_id,
+        pipeline=pipeline,
+        status="running",
+        input=input,
+        input_hash=input_hash,
+        output=None,
+        error=None,
+        attempts=1,
+        lease_owner=owner,
+        lease_token=1,
+        lease_expires_at=expires,
+        cancel_requested=False,
+        event_seq=1,
+        state_version=0,
+        queue=None,
+        dedupe_key=None,
+        priority=0,
+        scheduled_at=None,
+        max_attempts=None,
+        deadline=None,
+        created_at=now,
+        updated_at=now,
+        finished_at=None,
+    )
+    return Acquired(run, Lease(run_id, 1, owner), {}, created=True)
 
 
 def _is_connect_error(exc: OperationalError) -> bool:
