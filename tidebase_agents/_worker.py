@@ -1,0 +1,371 @@
+"""The queue worker: claims queued runs, executes them under their lease, and recovers the runs
+of executors that died (P1).
+
+A worker claims due runs of the pipelines registered in its process, executes each through
+``CheckpointedPipeline.run_claimed`` (whose runtime heartbeats the claim's lease), and settles
+what the execution left behind: a retryable run is requeued with exponential backoff or failed
+at ``max_attempts``; a run parked in ``manual_review``, cancelled, completed or taken over is
+left alone. Every worker also runs the reconciler loop; an advisory lock elects the one that
+acts in each pass. On PostgreSQL the worker wakes on ``LISTEN tidebase_runs`` and polls as a
+fallback; on SQLite it polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib
+import logging
+import os
+import random
+import signal
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from ._config import resolve_database_url
+from ._errors import ConfigurationError
+from ._pipeline import CheckpointedPipeline, registered_pipelines
+from ._queue import (
+    DEFAULT_QUEUE,
+    NOTIFY_CHANNEL,
+    Backoff,
+    Claim,
+    claim,
+    next_due,
+    reconcile,
+    settle_claim,
+)
+from ._runtime import Tidebase
+from ._store import Store, get_store, utcnow
+
+log = logging.getLogger("tidebase_agents.worker")
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attr`` and return the attribute (importing registers the pipelines)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name:
+        raise ConfigurationError(f"--app must be module:attr, got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from None
+    for part in filter(None, attr.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def app_database_url(app: Any, database_url: str | None = None) -> str | None:
+    """The database an app object names: a ``Tidebase``'s URL, a pipeline's ``.tide`` URL,
+    else ``database_url``."""
+    tide = app if isinstance(app, Tidebase) else getattr(app, "tide", None)
+    if isinstance(tide, Tidebase) and tide.database_url:
+        return tide.database_url
+    return database_url
+
+
+class Worker:
+    """Claims and executes queued runs of the pipelines registered in this process.
+
+    ``lease_seconds`` defaults to the longest lease of the served pipelines' ``Tidebase``;
+    ``reconcile_interval`` to half of it. ``grace_seconds`` bounds how long :meth:`stop`
+    waits for running pipelines before cancelling them and requeueing their runs.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
+        concurrency: int = 4,
+        pipelines: Sequence[str] | None = None,
+        lease_seconds: float | None = None,
+        poll_interval: float = 2.0,
+        reconcile_interval: float | None = None,
+        grace_seconds: float = 30.0,
+        retry_backoff: float = 1.0,
+        max_backoff: float = 300.0,
+        listen: bool = True,
+        owner: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        if poll_interval <= 0 or grace_seconds < 0 or (lease_seconds or 1) <= 0:
+            raise ConfigurationError(
+                "poll_interval and lease_seconds must be positive, grace_seconds not negative"
+            )
+        if not queues:
+            raise ConfigurationError("a worker needs at least one queue")
+        self.database_url = resolve_database_url(database_url)
+        self.queues = list(queues)
+        self.concurrency = concurrency
+        self.pipeline_names = list(pipelines) if pipelines is not None else None
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.reconcile_interval = reconcile_interval
+        self.grace_seconds = grace_seconds
+        self.backoff = Backoff(retry_backoff, max_backoff)
+        self.listen = listen
+        self.owner = owner or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        #: Whether the LISTEN connection is up (else the worker is polling).
+        self.listening = False
+        #: Run status after each execution was settled (``queued`` = requeued for a retry),
+        #: or ``interrupted`` for executions cut short by shutdown.
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self._tasks: dict[asyncio.Task[None], Claim] = {}
+        self._stopping = asyncio.Event()
+        self._force = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop claiming and shut down; ``force`` skips the grace period."""
+        self._stopping.set()
+        if force:
+            self._force.set()
+        self._wake.set()
+
+    def served_pipelines(self) -> dict[str, CheckpointedPipeline[Any, Any]]:
+        """The registered pipelines this worker executes: those that use its database."""
+        registered = registered_pipelines()
+        names = self.pipeline_names if self.pipeline_names is not None else sorted(registered)
+        missing = [n for n in names if n not in registered]
+        if missing:
+            raise ConfigurationError(f"pipelines not registered in this process: {missing}")
+        served = {}
+        for name in names:
+            pipeline = registered[name]
+            if resolve_database_url(pipeline.tide.database_url) == self.database_url:
+                served[name] = pipeline
+            else:
+                log.warning("not serving pipeline %r: it uses another database", name)
+        if not served:
+            raise ConfigurationError(
+                "no registered pipeline uses this worker's database; import the module that "
+                "defines your pipelines (--app module:attr)"
+            )
+        return served
+
+    async def run(self) -> None:
+        """Work until :meth:`stop` (or cancellation), then shut down gracefully."""
+        store = get_store(self.database_url)
+        await store.open()
+        served = self.served_pipelines()
+        lease = self.lease_seconds or max(p.tide.lease_seconds for p in served.values())
+        background = [asyncio.create_task(self._reconcile_loop(store, lease))]
+        if self.listen and store.dialect == "postgresql":
+            background.append(asyncio.create_task(self._listen(store)))
+        log.info(
+            "worker %s: pipelines %s, queues %s, concurrency %d",
+            self.owner,
+            sorted(served),
+            self.queues,
+            self.concurrency,
+        )
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                timeout = await self._fill(store, served, lease)
+                if timeout is None or self._stopping.is_set():
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.CancelledError:
+            self._force.set()
+            raise
+        finally:
+            self._stopping.set()
+            await self._shutdown()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            log.info("worker %s stopped", self.owner)
+
+    async def _fill(
+        self, store: Store, served: dict[str, CheckpointedPipeline[Any, Any]], lease: float
+    ) -> float | None:
+        """Claim runs for the free slots; return how long to wait, or None to go on at once."""
+        free = self.concurrency - len(self._tasks)
+        if free <= 0:
+            return self.poll_interval  # a finishing run sets the wake event
+        try:
+            claims = await claim(
+                store,
+                owner=self.owner,
+                lease_seconds=lease,
+                queues=self.queues,
+                pipelines=list(served),
+                limit=free,
+            )
+            if len(claims) == free:
+                due = None
+            else:
+                due = await next_due(store, queues=self.queues, pipelines=list(served))
+        except Exception as exc:
+            log.warning("claiming failed (%s); retrying in %.1fs", exc, self.poll_interval)
+            return self.poll_interval
+        for c in claims:
+            task = asyncio.create_task(self._execute(store, c, served[c.pipeline]))
+            self._tasks[task] = c
+            task.add_done_callback(self._finished)
+        if len(claims) == free:
+            return None
+        if due is None:
+            return self.poll_interval
+        # Wake when the next delayed or backed-off run is due; never spin on a run that
+        # another claimer holds locked.
+        return min(self.poll_interval, max((due - utcnow()).total_seconds(), 0.1))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._wake.set()
+
+    async def _execute(
+        self, store: Store, c: Claim, pipeline: CheckpointedPipeline[Any, Any]
+    ) -> None:
+        interrupted = False
+        raised = ""
+        try:
+            await pipeline.run_claimed(c.run_id, owner=self.owner, claim_token=c.token)
+        except asyncio.CancelledError:
+            # Only the shutdown cancels an execution; the run goes back on the queue below.
+            interrupted = True
+        except Exception as exc:
+            # Parking, cancellation, a lost lease or a failing step: the run's status says
+            # which, and settling below acts on it. None of these stops the worker.
+            raised = f" ({type(exc).__name__}: {exc})"
+        try:
+            status = await settle_claim(store, c, self.backoff, interrupted=interrupted)
+        except Exception as exc:
+            # The run stays under this claim's lease; the reconciler requeues it on expiry.
+            log.warning("could not settle run %s: %s", c.run_id, exc)
+            return
+        self.outcomes["interrupted" if interrupted else status] += 1
+        log.info("run %s attempt %d ended %s%s", c.run_id, c.attempt, status, raised)
+
+    async def _shutdown(self) -> None:
+        """Let running pipelines finish within the grace period, then cancel and requeue."""
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        log.info("waiting up to %.0fs for %d running pipelines", self.grace_seconds, len(tasks))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_seconds
+        force = asyncio.create_task(self._force.wait())
+        try:
+            while tasks and not force.done() and (remaining := deadline - loop.time()) > 0:
+                done, _ = await asyncio.wait(
+                    {*tasks, force}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                tasks -= done
+        finally:
+            force.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _reconcile_loop(self, store: Store, lease: float) -> None:
+        interval = self.reconcile_interval or max(lease / 2, 0.5)
+        while True:
+            try:
+                report = await reconcile(store, self.backoff, orphan_grace=lease)
+            except Exception as exc:
+                log.warning("reconciler pass failed: %s", exc)
+            else:
+                if report.requeued or report.failed or report.cancelled:
+                    log.info(
+                        "reconciler: requeued %s, failed %s, cancelled %s",
+                        report.requeued,
+                        report.failed,
+                        report.cancelled,
+                    )
+                    self._wake.set()
+            # Jitter keeps workers started together from contending in lockstep.
+            await asyncio.sleep(interval * (0.5 + random.random()))
+
+    async def _listen(self, store: Store) -> None:
+        import asyncpg
+
+        dsn = make_url(store.url).set(drivername="postgresql").render_as_string(False)
+        keepalive = max(self.poll_interval * 5, 10.0)
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(dsn)
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                self.listening = True
+                self._wake.set()  # a run may have been enqueued while nobody listened
+                while True:
+                    await asyncio.sleep(keepalive)
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=10)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("LISTEN unavailable (%s); polling every %.1fs", exc, self.poll_interval)
+            finally:
+                self.listening = False
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(keepalive)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload in self.queues:
+            self._wake.set()
+
+
+async def run_worker(
+    app: str | Any = None,
+    *,
+    database_url: str | None = None,
+    queues: Sequence[str] = (DEFAULT_QUEUE,),
+    concurrency: int = 4,
+    pipelines: Sequence[str] | None = None,
+    lease_seconds: float | None = None,
+    poll_interval: float = 2.0,
+    reconcile_interval: float | None = None,
+    grace_seconds: float = 30.0,
+    retry_backoff: float = 1.0,
+    max_backoff: float = 300.0,
+    listen: bool = True,
+    install_signal_handlers: bool = True,
+) -> None:
+    """Run a :class:`Worker` until SIGTERM or SIGINT (a second signal skips the grace period).
+
+    ``app`` is ``"module:attr"`` or the object itself (a ``Tidebase``, a pipeline, anything);
+    importing it registers the pipelines. The database is the app's ``Tidebase`` URL if it
+    names one, else ``database_url``, else ``$TIDEBASE_DATABASE_URL``.
+    """
+    target = load_app(app) if isinstance(app, str) else app
+    worker = Worker(
+        app_database_url(target, database_url),
+        queues=queues,
+        concurrency=concurrency,
+        pipelines=pipelines,
+        lease_seconds=lease_seconds,
+        poll_interval=poll_interval,
+        reconcile_interval=reconcile_interval,
+        grace_seconds=grace_seconds,
+        retry_backoff=retry_backoff,
+        max_backoff=max_backoff,
+        listen=listen,
+    )
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, lambda: worker.stop(force=worker.stopping))
+    try:
+        await worker.run()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
