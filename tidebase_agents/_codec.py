@@ -121,7 +121,7 @@ def decode(data: Any) -> Any:
     tag = data.get(_TAG)
     if tag is None:
         return {k: decode(v) for k, v in data.items()}
-    v = data.get("v")
+    v: Any = data.get("v")
     if tag == "dict":
         return {k: decode(x) for k, x in v.items()}
     if tag == "pydantic":

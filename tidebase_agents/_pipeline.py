@@ -60,9 +60,13 @@ class CheckpointedPipeline(Generic[P, R]):
             raise TypeError("pass either tide= or database_url=/lease_seconds=, not both")
         self.fn = fn
         self.name = name
-        self.tide = tide or Tidebase(
-            database_url, **({"lease_seconds": lease_seconds} if lease_seconds else {})
-        )
+        if tide is None:
+            tide = (
+                Tidebase(database_url, lease_seconds=lease_seconds)
+                if lease_seconds
+                else Tidebase(database_url)
+            )
+        self.tide = tide
         functools.update_wrapper(self, fn)
         _registry[name] = self
 

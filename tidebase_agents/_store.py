@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
@@ -357,9 +357,9 @@ class Store:
                     created_at=now,
                     updated_at=now,
                 )
-                await conn.execute(RunRow.__table__.insert().values(**values))
+                await conn.execute(insert(RunRow).values(**values))
                 await conn.execute(
-                    EventRow.__table__.insert().values(
+                    insert(EventRow).values(
                         run_id=run_id,
                         seq=1,
                         kind="run_started",
@@ -417,7 +417,7 @@ class Store:
             )
             took_over = run.status == "running"
             await conn.execute(
-                EventRow.__table__.insert().values(
+                insert(EventRow).values(
                     run_id=run_id,
                     seq=seq,
                     kind="lease_taken_over" if took_over else "run_resumed",
@@ -521,7 +521,7 @@ class Store:
         now = utcnow()
         first = last_seq - len(events) + 1
         await conn.execute(
-            EventRow.__table__.insert(),
+            insert(EventRow),
             [
                 dict(
                     run_id=run_id,
@@ -559,7 +559,7 @@ class Store:
         values = dataclasses.asdict(step)
         values["run_id"] = lease.run_id
         values["started_at"] = values["started_at"] or now
-        stmt = self._insert(StepRow.__table__).values(**values)
+        stmt = self._insert(StepRow).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=["run_id", "name"],
             set_={k: stmt.excluded[k] for k in values if k not in ("run_id", "name", "started_at")},
@@ -586,7 +586,7 @@ class Store:
 
     async def _usage(self, conn: AsyncConnection, run_id: str, usage: Sequence[Usage]) -> None:
         now = utcnow()
-        stmt = self._insert(UsageRow.__table__).on_conflict_do_nothing(
+        stmt = self._insert(UsageRow).on_conflict_do_nothing(
             index_elements=["run_id", "dedupe_key"]
         )
         await conn.execute(
@@ -618,7 +618,7 @@ class Store:
         async with self._tx() as conn:
             seq = await self._fence(conn, lease, 1, state_version=version)
             await conn.execute(
-                StateRow.__table__.insert().values(
+                insert(StateRow).values(
                     run_id=lease.run_id, version=version, value=value, created_at=utcnow()
                 )
             )
@@ -710,7 +710,7 @@ class Store:
                 )
             )
             await conn.execute(
-                EventRow.__table__.insert().values(
+                insert(EventRow).values(
                     run_id=run_id,
                     seq=seq,
                     kind="run_cancelled",
@@ -769,7 +769,7 @@ class Store:
                 )
             await conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(**run_values))
             await conn.execute(
-                EventRow.__table__.insert().values(
+                insert(EventRow).values(
                     run_id=run_id,
                     seq=seq,
                     kind=f"step_review_{action}",
@@ -787,7 +787,8 @@ class Store:
             row = (await conn.execute(select(*_RUN_COLS).where(RunRow.run_id == run_id))).first()
         if row is None:
             raise RunNotFound(run_id)
-        return _record(RunRecord, row)  # type: ignore[no-any-return]
+        record: RunRecord = _record(RunRecord, row)
+        return record
 
     async def list_runs(
         self,
@@ -942,7 +943,10 @@ def _read_revision(sync_conn: Any) -> str | None:
 
     if not sa_inspect(sync_conn).has_table(VERSION_TABLE):
         return None
-    return sync_conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()  # type: ignore[no-any-return]
+    revision: str | None = sync_conn.execute(
+        text(f"SELECT version_num FROM {VERSION_TABLE}")
+    ).scalar()
+    return revision
 
 
 def alembic_config(connection: Any = None) -> Any:
