@@ -7,14 +7,22 @@ count call starts across tasks (I1).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import TidebaseError
 
 if TYPE_CHECKING:
     from ._runtime import Run
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
 
 
 @dataclasses.dataclass(eq=False)
@@ -24,6 +32,9 @@ class Scope:
     prefix: str = ""
     counters: dict[str, int] = dataclasses.field(default_factory=dict)
     claimed: set[str] = dataclasses.field(default_factory=set)
+    #: The task whose code the scope belongs to. Calls from other tasks (gather, create_task)
+    #: may start in a different order on every attempt.
+    owner: asyncio.Task[Any] | None = dataclasses.field(default_factory=_current_task)
 
     def next_ordinal(self, key: str) -> int:
         n = self.counters.get(key, 0) + 1
@@ -32,6 +43,10 @@ class Scope:
 
     def child(self, step_name: str) -> Scope:
         return Scope(prefix=f"{step_name}/")
+
+    def in_concurrent_task(self) -> bool:
+        """Whether the calling code runs in a task other than the scope's own."""
+        return _current_task() is not self.owner
 
 
 @dataclasses.dataclass(eq=False)
@@ -52,6 +67,19 @@ _scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
 _tool_call: contextvars.ContextVar[ToolCall | None] = contextvars.ContextVar(
     "tidebase_tool_call", default=None
 )
+
+
+class StopRun(BaseException):
+    """Carries an error that must end the agent run out of a tool call.
+
+    The SDK turns a tool's ``Exception`` into a message for the model and lets the run go on;
+    a step that needs review, a lost lease or a cancelled run must instead stop it. Raised as a
+    ``BaseException`` from durable tools and unwrapped where the agent run was started.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class NotInRun(TidebaseError):

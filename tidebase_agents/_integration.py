@@ -6,13 +6,14 @@ SDK internals are reached only through :mod:`._sdk`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from . import _sdk
-from ._context import Scope, _tool_call, active_run, current_scope
+from ._context import Scope, StopRun, _tool_call, active_run, current_scope
 from ._hashing import parts_hash, sha256_hex
 from ._runtime import Execution, Run, StepSpec
 from ._session import DurableSession
@@ -40,9 +41,10 @@ def _claim(run: Run, scope: Scope, agent_name: str, input_hash: str) -> str:
 
     The n-th call of an agent in a scope is ``agent:<name>#<n>``, counted in call-start order.
     Concurrent calls may start in another order on a later attempt, so a call whose input
-    matches a recorded, unclaimed checkpoint of the same agent takes that one; only when none
-    matches does the call keep its own slot (and a different recorded input there raises
-    ``StepInputMismatch``).
+    matches a recorded, unclaimed checkpoint of the same agent takes that one. Otherwise the
+    call keeps its own slot, where a different recorded input raises ``StepInputMismatch`` —
+    unless the call runs in a task of its own (``gather``, ``create_task``): then the slot may
+    belong to a sibling that has not started yet, and the call takes a fresh slot.
     """
     base = f"{scope.prefix}agent:{agent_name}#"
     own = f"{base}{scope.next_ordinal('agent:' + agent_name)}"
@@ -62,10 +64,10 @@ def _claim(run: Run, scope: Scope, agent_name: str, input_hash: str) -> str:
         if name not in scope.claimed and rec is not None and rec.input_hash == input_hash:
             scope.claimed.add(name)
             return name
-    if own not in scope.claimed:
+    taken = own in scope.claimed or (run.recorded(own) is not None and scope.in_concurrent_task())
+    if not taken:
         scope.claimed.add(own)
         return own
-    # Our slot was taken by a call that matched it: use the first free, unrecorded slot.
     n = 1
     while f"{base}{n}" in scope.claimed or run.recorded(f"{base}{n}") is not None:
         n += 1
@@ -145,7 +147,12 @@ class _Interceptor:
         run = active_run()
         if run is None:
             return await _sdk.sdk_run(runner, starting_agent, input, kwargs)
-        return await run.execute(_agent_spec(run, runner, starting_agent, input, kwargs))
+        try:
+            return await run.execute(_agent_spec(run, runner, starting_agent, input, kwargs))
+        except StopRun as stop:
+            if _sdk.tool_call_scope(kwargs.get("context")) is not None:
+                raise  # an agent used as a tool: stop the calling agent run too
+            raise stop.error from None
 
     def run_streamed(
         self, runner: Any, starting_agent: Any, input: Any, kwargs: dict[str, Any]
@@ -169,12 +176,28 @@ class _Interceptor:
             )
 
         async def record(result: Any, error: BaseException | None) -> None:
+            if isinstance(error, StopRun):
+                return  # a tool stopped the run: the agent step did not finish
             try:
                 await run.conclude(spec, execution, result if error is None else None, error)
             except BaseException:  # the consumer of the stream sees the error itself
                 return
 
-        run.track(_sdk.on_stream_complete(streamed, record))
+        recorded = run.track(_sdk.on_stream_complete(streamed, record))
+        events = streamed.stream_events
+
+        async def stream_events() -> AsyncIterator[Any]:
+            # The stream ends only once its checkpoint is written, so a crash right after
+            # consuming it cannot lose the run.
+            try:
+                async for event in events():
+                    yield event
+            except StopRun as stop:
+                await asyncio.shield(recorded)
+                raise stop.error from None
+            await asyncio.shield(recorded)
+
+        streamed.stream_events = stream_events  # type: ignore[method-assign]
         return streamed
 
 

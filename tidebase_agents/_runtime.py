@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import _codec
-from ._context import Scope, ToolCall, _run, _scope, _tool_call
+from ._context import Scope, StopRun, ToolCall, _run, _scope, _tool_call
 from ._errors import (
     CheckpointSerializationError,
     ConfigurationError,
@@ -87,7 +87,9 @@ def _error_record(exc: BaseException, step: str | None = None) -> dict[str, Any]
 
 
 # Errors that steer the run rather than report a failure of the step's own work.
-_CONTROL = (LeaseLost, RunCancelled, StepNeedsReview, StepInputMismatch, StepFailed)
+RUN_CONTROL = (LeaseLost, RunCancelled, StepNeedsReview, StepInputMismatch, StepFailed)
+#: Step statuses after which the run cannot go on past the step.
+HALTING = ("manual_review", "failed")
 
 
 async def _identity_decode(data: Any) -> Any:
@@ -438,7 +440,7 @@ class Run:
             events=[Event(f"step_{status}", spec.name, _error_record(error))],
             **common,
         )
-        if status in ("manual_review", "failed"):
+        if status in HALTING:
             self._outcome = status
         raise error
 
@@ -447,7 +449,7 @@ class Run:
         for attempt in range(spec.retries + 1):
             try:
                 return await self._call(spec), None, attempt + 1
-            except _CONTROL:
+            except RUN_CONTROL:
                 raise
             except Exception as exc:
                 if spec.encode_error is not None and spec.encode_error(exc) is not None:
@@ -555,14 +557,18 @@ class Run:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def track(self, task: asyncio.Task[Any]) -> None:
+    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Keep a background checkpoint write alive until the run finishes."""
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
-    async def _drain(self) -> None:
+    async def _drain(self, timeout: float | None = None) -> None:
+        """Wait for background checkpoint writes (streamed runs) to land."""
         while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            _, pending = await asyncio.wait(list(self._pending), timeout=timeout)
+            if pending:
+                return
 
     async def _heartbeat(self) -> None:
         seconds = self._tide.lease_seconds
@@ -726,8 +732,12 @@ class Tidebase:
                 run._check_size("pipeline result", encoded)
                 run._check_live()
             except BaseException as exc:
-                await asyncio.shield(run._settle(exc))
-                raise
+                error = exc.error if isinstance(exc, StopRun) else exc
+                await asyncio.shield(run._drain(timeout=self.lease_seconds))
+                await asyncio.shield(run._settle(error))
+                if error is exc:
+                    raise
+                raise error from None
             try:
                 await store.finish(
                     run._lease,

@@ -12,10 +12,17 @@ from typing import Any, TypeVar, overload
 from agents import RunContextWrapper
 
 from . import _sdk
-from ._context import ToolCall, active_run, current_scope
+from ._context import StopRun, ToolCall, active_run, current_scope
 from ._errors import ConfigurationError
 from ._hashing import sha256_hex
-from ._runtime import REPLAY_POLICIES, Run, StepSpec, derive_idempotency_key
+from ._runtime import (
+    HALTING,
+    REPLAY_POLICIES,
+    RUN_CONTROL,
+    Run,
+    StepSpec,
+    derive_idempotency_key,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,6 +116,21 @@ class _DurableTool:
         )
 
 
+def _stop_if_halting(run: Run, spec: StepSpec, context: Any, error: Exception) -> None:
+    """Raise :class:`StopRun` if the tool's failure must end the agent run.
+
+    The SDK hands a tool's error to the model and lets the agent go on. That is right for an
+    ordinary failure, but not when the run must stop: the step needs review or failed for good
+    (else the model could call the tool again and repeat an external write), or the lease was
+    lost or the run cancelled.
+    """
+    if context is None:
+        return  # called directly from pipeline code, not by the SDK
+    record = run.recorded(spec.name)
+    if isinstance(error, RUN_CONTROL) or (record is not None and record.status in HALTING):
+        raise StopRun(error) from error
+
+
 def _wrap(tool: _DurableTool) -> Callable[..., Any]:
     fn = tool.fn
     if inspect.iscoroutinefunction(fn):
@@ -120,7 +142,11 @@ def _wrap(tool: _DurableTool) -> Callable[..., Any]:
             if run is None:
                 return await fn(*fn_args, **kwargs)
             spec = tool.spec(run, context, lambda: fn(*fn_args, **kwargs), tool_args, kwargs)
-            return await run.execute(spec)
+            try:
+                return await run.execute(spec)
+            except Exception as exc:
+                _stop_if_halting(run, spec, context, exc)
+                raise
 
         wrapper: Callable[..., Any] = async_wrapper
     else:
@@ -151,7 +177,11 @@ def _wrap(tool: _DurableTool) -> Callable[..., Any]:
                     tool_args,
                     kwargs,
                 )
-                return await run.execute(spec)
+                try:
+                    return await run.execute(spec)
+                except Exception as exc:
+                    _stop_if_halting(run, spec, context, exc)
+                raise
 
             # run_coroutine_threadsafe carries this thread's context (run, scope) over.
             return asyncio.run_coroutine_threadsafe(execute(), run.loop).result()
