@@ -54,7 +54,6 @@ import inspect
 import json
 import math
 import typing
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn, Protocol, cast, get_origin
 
@@ -79,6 +78,7 @@ from agents.guardrail import (
 )
 from agents.handoffs import Handoff
 from agents.items import HandoffOutputItem, RunItem
+from agents.model_settings import ModelSettings
 from agents.models.default_models import get_default_model
 from agents.models.interface import Model
 from agents.result import RunResultBase
@@ -118,15 +118,19 @@ def _canonical_sha256(value: Any) -> str:
 
 
 def _is_plain_json(value: Any) -> bool:
-    """True for values that survive ``json.dumps``/``json.loads`` unchanged (type included)."""
-    if value is None or isinstance(value, (str, bool, int)):
+    """True for values that survive ``json.dumps``/``json.loads`` unchanged, type included.
+
+    Exact types: an IntEnum or a str subclass would come back as a plain int or str.
+    """
+    kind = type(value)
+    if value is None or kind in (str, bool, int):
         return True
-    if isinstance(value, float):
+    if kind is float:
         return math.isfinite(value)
-    if isinstance(value, list):
+    if kind is list:
         return all(_is_plain_json(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain_json(v) for k, v in value.items())
+    if kind is dict:
+        return all(type(k) is str and _is_plain_json(v) for k, v in value.items())
     return False
 
 
@@ -159,8 +163,9 @@ def _qualified_name(obj: Any) -> str:
     return f"{target.__module__}.{target.__qualname__}"
 
 
-def _model_name(model: str | Model | None) -> str:
-    """The model an agent talks to: its name, a Model's ``.model``, or the Model class."""
+def model_name(model: str | Model | None) -> str:
+    """The model an agent (or a RunConfig) names: the string, a Model's ``.model``, or the
+    Model's class; an unset model is the SDK's default model."""
     if isinstance(model, str):
         return model
     if model is None:
@@ -178,15 +183,19 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def _model_settings_json(agent: Agent[Any]) -> dict[str, Any]:
-    settings = _drop_none(agent.model_settings.to_json_dict())
-    extra = settings.get("extra_args")
+def settings_json(settings: ModelSettings, what: str = "model_settings") -> dict[str, Any]:
+    """Model settings as hashable JSON: no None fields, no SDK-generated prompt_cache_key."""
+    try:
+        data = _drop_none(settings.to_json_dict())
+    except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+        raise CheckpointSerializationError(f"{what} cannot be made JSON: {exc}") from exc
+    extra = data.get("extra_args")
     if isinstance(extra, dict):
         # The SDK injects a random per-run prompt_cache_key; it must not change the hash.
         extra.pop("prompt_cache_key", None)
         if not extra:
-            del settings["extra_args"]
-    return cast(dict[str, Any], settings)
+            del data["extra_args"]
+    return cast(dict[str, Any], data)
 
 
 def _output_schema_json(output_type: Any) -> dict[str, Any] | None:
@@ -224,19 +233,15 @@ def agent_fingerprint(agent: Agent[Any]) -> dict[str, Any]:
             tools.append({"name": getattr(tool, "name", None), "type": type(tool).__name__})
     tools.sort(key=lambda t: (str(t["name"]), t.get("type", "")))
     instructions = agent.instructions
-    try:
-        settings = _model_settings_json(agent)
-    except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
-        raise CheckpointSerializationError(
-            f"model_settings of agent {agent.name!r} cannot be made JSON: {exc}"
-        ) from exc
     fingerprint: dict[str, Any] = {
         "name": agent.name,
         "instructions": (
             f"callable:{_qualified_name(instructions)}" if callable(instructions) else instructions
         ),
-        "model": _model_name(agent.model),
-        "model_settings": settings,
+        "model": model_name(agent.model),
+        "model_settings": settings_json(
+            agent.model_settings, what=f"model_settings of agent {agent.name!r}"
+        ),
         "tools": tools,
         "handoffs": sorted(
             h.agent_name if isinstance(h, Handoff) else h.name for h in agent.handoffs
@@ -297,7 +302,7 @@ def _encode_final_output(agent: Agent[Any], value: Any) -> dict[str, Any]:
             text = pydantic_core.to_json(value).decode()
             if output_type.validate_json(text) == value:
                 return {"kind": "custom_schema", "json": text}
-        except (pydantic_core.PydanticSerializationError, ValidationError, ValueError):
+        except Exception:  # validate_json is user code: any failure means "does not round-trip"
             pass
     else:
         adapter = _output_adapter(agent)
@@ -310,7 +315,7 @@ def _encode_final_output(agent: Agent[Any], value: Any) -> dict[str, Any]:
                     return {"kind": "typed", "value": dumped}
             except (pydantic_core.PydanticSerializationError, ValidationError, ValueError):
                 pass
-        elif isinstance(value, str):
+        elif type(value) is str:
             return {"kind": "text", "value": value}
     if _is_plain_json(value):
         return {"kind": "json", "value": value}
@@ -387,7 +392,7 @@ async def _restore_state(
     try:
         state = await RunState.from_json(
             starting_agent,
-            copy.deepcopy(dict(payload["state"])),
+            dict(payload["state"]),  # from_json rewrites top-level keys (sandbox sanitizing)
             # from_json only accepts a plain RunContextWrapper, hence the wrap.
             context_override=RunContextWrapper(context=live_value),
         )
@@ -396,9 +401,7 @@ async def _restore_state(
             f"checkpoint cannot be restored against the agent graph of {starting_agent.name!r}: "
             f"{exc}"
         ) from exc
-    restored = state._context
-    if restored is None:  # from_json always sets it; narrows the Optional
-        raise CheckpointSerializationError("restored checkpoint has no context")
+    restored = cast(RunContextWrapper[Any], state._context)  # from_json always sets it
     if not isinstance(context, RunContextWrapper):
         return state, restored
     # The caller passed a wrapper (a ToolContext in agent-as-tool runs). The recorded usage is
@@ -411,27 +414,58 @@ async def _restore_state(
     return state, wrapper
 
 
-def _restore_private_fields(
-    target: RunResult | RunResultStreaming, state: RunState[Any], payload: Mapping[str, Any]
-) -> None:
-    """Fields that ``to_input_list()`` and ``to_state()`` read, shared by both result types."""
-    target._replay_from_model_input_items = bool(payload["replay_from_model_input_items"])
-    target._nested_history_owned_session_item_refs = list(
-        state._nested_history_owned_session_item_refs
-    )
-    target._starting_agent_for_state = state._starting_agent
-    target._generated_prompt_cache_key = state._generated_prompt_cache_key
-    target._pending_input_for_state = copy.deepcopy(state._pending_input)
-    target._pending_session_write = copy.deepcopy(state._pending_session_write)
-    target._current_step_for_state = state._current_step
-    target._trace_state = state._trace_state
-    target._sandbox_resume_state = copy.deepcopy(state._sandbox)
-    target._reasoning_item_id_policy = state._reasoning_item_id_policy
-
-
 def _interruptions(state: RunState[Any]) -> list[Any]:
     step = state._current_step
     return list(step.interruptions) if isinstance(step, NextStepInterruption) else []
+
+
+def _apply_state(
+    target: RunResult | RunResultStreaming,
+    state: RunState[Any],
+    payload: Mapping[str, Any],
+    wrapper: RunContextWrapper[Any],
+) -> Agent[Any]:
+    """Set what both result types share, as the SDK sets it; returns the (live) last agent.
+
+    Besides the public fields this covers what ``to_input_list()`` and ``to_state()`` read, so a
+    replayed result can be continued or resumed exactly like the original.
+    """
+    last_agent = cast(Agent[Any], state._current_agent)
+    fields: dict[str, Any] = {
+        "new_items": list(state._session_items),
+        "raw_responses": list(state._model_responses),
+        "final_output": _decode_final_output(last_agent, payload["final_output"]),
+        "input_guardrail_results": list(state._input_guardrail_results),
+        "output_guardrail_results": list(state._output_guardrail_results),
+        "tool_input_guardrail_results": list(state._tool_input_guardrail_results),
+        "tool_output_guardrail_results": list(state._tool_output_guardrail_results),
+        "context_wrapper": wrapper,
+        "max_turns": state._max_turns,
+        "interruptions": _interruptions(state),
+        "_last_processed_response": state._last_processed_response,
+        "_tool_use_tracker_snapshot": state.get_tool_use_tracker_snapshot(),
+        "_current_turn_persisted_item_count": state._current_turn_persisted_item_count,
+        "_model_input_items": list(state._generated_items),
+        "_replay_from_model_input_items": bool(payload["replay_from_model_input_items"]),
+        "_original_input": state._original_input,
+        "_nested_history_owned_session_item_refs": list(
+            state._nested_history_owned_session_item_refs
+        ),
+        "_starting_agent_for_state": state._starting_agent,
+        "_conversation_id": state._conversation_id,
+        "_previous_response_id": state._previous_response_id,
+        "_auto_previous_response_id": state._auto_previous_response_id,
+        "_generated_prompt_cache_key": state._generated_prompt_cache_key,
+        "_pending_input_for_state": copy.deepcopy(state._pending_input),
+        "_pending_session_write": copy.deepcopy(state._pending_session_write),
+        "_current_step_for_state": state._current_step,
+        "_trace_state": state._trace_state,
+        "_sandbox_resume_state": copy.deepcopy(state._sandbox),
+        "_reasoning_item_id_policy": state._reasoning_item_id_policy,
+    }
+    for name, value in fields.items():
+        setattr(target, name, value)
+    return last_agent
 
 
 async def decode_result(
@@ -443,34 +477,24 @@ async def decode_result(
     ``starting_agent``); ``final_output`` is re-validated against the live last agent's output
     type; ``context_wrapper.context`` is the caller's live context. If ``context`` is a
     ``RunContextWrapper`` (a ``ToolContext`` in agent-as-tool runs) the recorded usage is added to
-    it, exactly once per call, as the original run did: call this once per replay.
+    it, as the original run did: call this once per replay, and record such runs with
+    ``sdk_run(..., isolate_usage=True)`` so that the recorded usage is the run's own.
     """
     state, wrapper = await _restore_state(payload, starting_agent, context)
-    last_agent = cast(Agent[Any], state._current_agent)
     result = RunResult(
         input=copy.deepcopy(payload["input"]),
-        new_items=list(state._session_items),
-        raw_responses=list(state._model_responses),
-        final_output=_decode_final_output(last_agent, payload["final_output"]),
-        input_guardrail_results=list(state._input_guardrail_results),
-        output_guardrail_results=list(state._output_guardrail_results),
-        tool_input_guardrail_results=list(state._tool_input_guardrail_results),
-        tool_output_guardrail_results=list(state._tool_output_guardrail_results),
+        new_items=[],
+        raw_responses=[],
+        final_output=None,
+        input_guardrail_results=[],
+        output_guardrail_results=[],
+        tool_input_guardrail_results=[],
+        tool_output_guardrail_results=[],
         context_wrapper=wrapper,
-        _last_agent=last_agent,
-        _last_processed_response=state._last_processed_response,
-        _tool_use_tracker_snapshot=state.get_tool_use_tracker_snapshot(),
-        _current_turn_persisted_item_count=state._current_turn_persisted_item_count,
-        _current_turn=state._current_turn,
-        _model_input_items=list(state._generated_items),
-        _original_input=state._original_input,
-        _conversation_id=state._conversation_id,
-        _previous_response_id=state._previous_response_id,
-        _auto_previous_response_id=state._auto_previous_response_id,
-        max_turns=state._max_turns,
-        interruptions=_interruptions(state),
+        _last_agent=cast(Agent[Any], state._current_agent),
     )
-    _restore_private_fields(result, state, payload)
+    _apply_state(result, state, payload, wrapper)
+    result._current_turn = state._current_turn
     return result
 
 
@@ -618,14 +642,28 @@ class UsageEntry:
     total_tokens: int
 
 
-def _producing_item(response_output: list[Any], items: list[RunItem], start: int) -> int | None:
-    """Index (>= start) of the first new item made from one of the response's output items."""
-    for output in response_output:
-        for index in range(start, len(items)):
-            raw = items[index].raw_item
-            if raw is output or raw == output:
-                return index
-    return None
+def _producing_items(responses: list[Any], items: list[RunItem]) -> list[int | None]:
+    """Per response, the index of the first new item made from its output (None if none).
+
+    Matching is by equality (identity on live results, equal fields after a JSON round trip)
+    and moves forward only, so identical items in different turns pair up in order.
+    """
+    found: list[int | None] = []
+    cursor = 0
+    for response in responses:
+        index = next(
+            (
+                i
+                for output in response.output
+                for i in range(cursor, len(items))
+                if items[i].raw_item is output or items[i].raw_item == output
+            ),
+            None,
+        )
+        found.append(index)
+        if index is not None:
+            cursor = index + 1
+    return found
 
 
 def result_usage(
@@ -636,32 +674,43 @@ def result_usage(
 ) -> list[UsageEntry]:
     """Tokens of the run's own model responses, grouped by model, in first-use order.
 
-    Each raw response is attributed to the agent whose items it produced (so handoffs between
-    agents on different models split correctly); a response that produced no item goes to the
-    previous response's agent, the first to ``agent`` (the starting agent). Only the run's own
-    ``raw_responses`` count: nested agent-as-tool runs are steps of their own and record their
-    own usage, so nothing is counted twice. For a run resumed from a ``RunState`` pass
-    ``skip_responses=state_response_count(input)`` taken before the run: those responses were
-    counted by the run that produced the state. Also accepts a failed run's ``run_data``.
+    Each raw response is attributed to the agent whose items it produced, so handoffs between
+    agents on different models split correctly; a response that produced no item (an empty
+    answer) goes to the agent in charge after the handoffs before it; ``agent`` is the starting
+    agent. Only the run's own ``raw_responses`` count: nested agent-as-tool runs are steps of
+    their own and record their own usage, so nothing is counted twice. For a run resumed from a
+    ``RunState`` pass ``skip_responses=state_response_count(input)`` taken before the run: those
+    responses were counted by the run that produced the state. Also accepts a failed run's
+    ``run_data`` (which lacks responses still in flight, e.g. one a parallel input guardrail
+    cut short; their tokens are only in ``run_data.context_wrapper.usage``).
     """
     items = list(result.new_items)
-    current = agent
-    cursor = 0
+    responses = list(result.raw_responses)
+    produced = _producing_items(responses, items)
+    current, seen = agent, 0
     totals: dict[str, list[int]] = {}
-    for response in list(result.raw_responses)[skip_responses:]:
-        index = _producing_item(list(response.output), items, cursor)
+    for number, (response, index) in enumerate(zip(responses, produced, strict=True)):
+        end = index
+        if end is None:  # up to the next response's first item
+            end = next((i for i in produced[number + 1 :] if i is not None), len(items))
+        for item in items[seen:end]:
+            if isinstance(item, HandoffOutputItem):
+                current = item.target_agent
         if index is not None:
-            cursor = index + 1
             current = getattr(items[index], "agent", None) or current
+            end = index + 1
+        seen = end
+        if number < skip_responses:
+            continue
         usage = response.usage
-        sums = totals.setdefault(_model_name(current.model), [0] * 6)
+        sums = totals.setdefault(model_name(current.model), [0] * 6)
         for i, value in enumerate(
             (
                 usage.requests,
                 usage.input_tokens,
                 usage.output_tokens,
-                usage.input_tokens_details.cached_tokens or 0,
-                usage.output_tokens_details.reasoning_tokens or 0,
+                usage.input_tokens_details.cached_tokens,
+                usage.output_tokens_details.reasoning_tokens,
                 usage.total_tokens,
             )
         ):
@@ -672,7 +721,7 @@ def result_usage(
 def state_response_count(input: Any) -> int:
     """How many model responses a ``RunState`` run input already holds (0 for other inputs).
 
-    Take it before the run: the SDK appends the resumed run's responses to the same state.
+    A run resumed from that state returns them again at the start of its ``raw_responses``.
     """
     return len(input._model_responses) if isinstance(input, RunState) else 0
 
@@ -842,20 +891,23 @@ def _stream_outcome(streamed: RunResultStreaming) -> BaseException | None:
             return error
     if streamed._stored_exception is not None:
         return streamed._stored_exception
+    # The run task can end normally although stream_events() will raise: a parallel input
+    # guardrail that trips after the answer, or the turn limit. Build those errors as it does.
+    late_error: InputGuardrailTripwireTriggered | MaxTurnsExceeded | None = None
     for guardrail_result in streamed.input_guardrail_results:
         if guardrail_result.output.tripwire_triggered:
-            return InputGuardrailTripwireTriggered(guardrail_result)
-    # The run task ends normally when the turn limit is hit; the SDK raises MaxTurnsExceeded
-    # only from stream_events(), so rebuild it the same way here.
-    if (
-        streamed.max_turns is not None
-        and streamed.current_turn > streamed.max_turns
-        and not streamed._max_turns_handled
-    ):
-        error = MaxTurnsExceeded(f"Max turns ({streamed.max_turns}) exceeded")
-        error.run_data = streamed._create_error_details()
-        return error
-    return None
+            late_error = InputGuardrailTripwireTriggered(guardrail_result)
+            break
+    else:
+        if (
+            streamed.max_turns is not None
+            and streamed.current_turn > streamed.max_turns
+            and not streamed._max_turns_handled
+        ):
+            late_error = MaxTurnsExceeded(f"Max turns ({streamed.max_turns}) exceeded")
+    if late_error is not None:
+        late_error.run_data = streamed._create_error_details()
+    return late_error
 
 
 def on_stream_complete(
@@ -921,30 +973,8 @@ async def _fill_replayed_stream(
 ) -> None:
     try:
         state, wrapper = await _restore_state(payload, starting_agent, context)
-        last_agent = cast(Agent[Any], state._current_agent)
-        streamed.final_output = _decode_final_output(last_agent, payload["final_output"])
-        streamed.new_items = list(state._session_items)
-        streamed.raw_responses = list(state._model_responses)
-        streamed.input_guardrail_results = list(state._input_guardrail_results)
-        streamed.output_guardrail_results = list(state._output_guardrail_results)
-        streamed.tool_input_guardrail_results = list(state._tool_input_guardrail_results)
-        streamed.tool_output_guardrail_results = list(state._tool_output_guardrail_results)
-        streamed.context_wrapper = wrapper
-        streamed.current_agent = last_agent
-        streamed._current_agent_ref = weakref.ref(last_agent)
+        streamed.current_agent = _apply_state(streamed, state, payload, wrapper)
         streamed.current_turn = state._current_turn
-        streamed.max_turns = state._max_turns
-        streamed.interruptions = _interruptions(state)
-        streamed._last_processed_response = state._last_processed_response
-        streamed._tool_use_tracker_snapshot = state.get_tool_use_tracker_snapshot()
-        streamed._current_turn_persisted_item_count = state._current_turn_persisted_item_count
-        streamed._model_input_items = list(state._generated_items)
-        streamed._original_input = state._original_input
-        streamed._conversation_id = state._conversation_id
-        streamed._previous_response_id = state._previous_response_id
-        streamed._auto_previous_response_id = state._auto_previous_response_id
-        streamed._state = state  # to_state() of a streamed result reads its RunState
-        _restore_private_fields(streamed, state, payload)
 
         queue = streamed._event_queue
         queue.put_nowait(AgentUpdatedStreamEvent(new_agent=starting_agent))
