@@ -35,6 +35,7 @@ def __getattr__(name: str) -> Any:
         return durable_tool
     raise AttributeError(f"module 'tidebase_agents' has no attribute {name!r}")
 
+
 __all__ = [
     "AsyncTidebase",
     "CheckpointSerializationError",

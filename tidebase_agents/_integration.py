@@ -133,7 +133,9 @@ def _agent_spec(run: Run, runner: Any, agent: Any, input: Any, kwargs: dict[str,
         encode=_sdk.encode_result,
         decode=decode,
         encode_error=_sdk.encode_agent_error,
-        raise_error=_sdk.raise_recorded_error,
+        raise_error=lambda record: _sdk.raise_recorded_error(
+            record, context=context, starting_agent=agent
+        ),
         usage=lambda result: _usage_rows(name, result, agent, skip),
     )
 
@@ -170,7 +172,7 @@ class _Interceptor:
         # Agent steps declare no side effects, so starting one writes nothing: the stream can
         # start right away and its checkpoint is written when its run task ends.
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())
-        with run.step_scope(spec):
+        with run.step_scope(spec.name):
             streamed = _sdk.sdk_run_streamed(
                 runner, starting_agent, input, kwargs, isolate_usage=True
             )

@@ -45,8 +45,8 @@ from ._store import (
     StepRecord,
     Store,
     Usage,
+    dump_json,
     get_store,
-    json_size,
     utcnow,
 )
 
@@ -216,7 +216,7 @@ class Run:
             replay=replay,
             retries=retries,
             encode=self._encode_step_output,
-            decode=self._decode_step_output(fn),
+            decode=self._decode_step_output(full, fn),
         )
         return await self.execute(spec)
 
@@ -395,10 +395,11 @@ class Run:
         """Record how an executed step ended; return its value or raise its error (R3)."""
         attempts = execution.attempts + tries - 1
         encoded: Any = None
+        text: str | None = None
         if error is None:
             try:
                 encoded = spec.encode(value)
-                self._check_size(spec.name, encoded)
+                text = self._serialize(f"output of step {spec.name!r}", encoded)
             except CheckpointSerializationError as exc:
                 error = exc
         duration = (time.perf_counter() - execution.t0) * 1000
@@ -412,6 +413,7 @@ class Run:
                 spec,
                 "completed",
                 output=encoded,
+                output_json=text,
                 usage=spec.usage(value) if spec.usage else (),
                 events=[Event("step_completed", spec.name, {"attempts": attempts})],
                 **common,
@@ -465,10 +467,10 @@ class Run:
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def step_scope(self, spec: StepSpec) -> Iterator[None]:
-        """Run code as the body of ``spec``: nested steps are named inside it."""
-        scope_token = _scope.set((_scope.get() or self._root).child(spec.name))
-        call_token = _tool_call.set(spec.tool_call)
+    def step_scope(self, name: str, tool_call: ToolCall | None = None) -> Iterator[None]:
+        """Run code as the body of step ``name``: nested steps are named inside it."""
+        scope_token = _scope.set((_scope.get() or self._root).child(name))
+        call_token = _tool_call.set(tool_call)
         try:
             yield
         finally:
@@ -476,7 +478,7 @@ class Run:
             _scope.reset(scope_token)
 
     async def _call(self, spec: StepSpec) -> Any:
-        with self.step_scope(spec):
+        with self.step_scope(spec.name, spec.tool_call):
             out = spec.fn()
             if inspect.isawaitable(out):
                 out = await out
@@ -503,6 +505,7 @@ class Run:
         started_at: Any = None,
         duration_ms: float | None = None,
         usage: Sequence[Usage] = (),
+        output_json: str | None = None,
     ) -> None:
         record = StepRecord(
             name=spec.name,
@@ -523,19 +526,27 @@ class Run:
         )
         self._check_live()
         try:
-            await self._store.write_step(self._lease, record, events=events, usage=usage)
+            await self._store.write_step(
+                self._lease, record, events=events, usage=usage, output_json=output_json
+            )
         except (LeaseLost, RunCancelled) as exc:
             self._lost = exc
             raise
         self._steps[spec.name] = record
 
-    def _check_size(self, what: str, encoded: Any) -> None:
-        size = json_size(encoded)
+    def _serialize(self, what: str, encoded: Any) -> str:
+        """The checkpoint's JSON text, checked against the size limit (R13)."""
+        try:
+            text = dump_json(encoded)
+        except ValueError as exc:
+            raise CheckpointSerializationError(f"{what} cannot be stored as JSON: {exc}") from None
+        size = len(text.encode("utf-8"))
         if size > self._tide.max_payload_bytes:
             raise PayloadTooLarge(
-                f"output of step {what!r} is {size} bytes as JSON, over the limit of "
+                f"{what} is {size} bytes as JSON, over the limit of "
                 f"{self._tide.max_payload_bytes} (Tidebase(max_payload_bytes=...))"
             )
+        return text
 
     def _encode_step_output(self, value: Any) -> Any:
         from agents.result import RunResultBase
@@ -546,11 +557,15 @@ class Run:
             return {"$t": "agents.run_result"}
         return _codec.encode(value, what="step output")
 
-    def _decode_step_output(self, fn: Callable[[], Any]) -> Callable[[Any], Awaitable[Any]]:
+    def _decode_step_output(
+        self, name: str, fn: Callable[[], Any]
+    ) -> Callable[[Any], Awaitable[Any]]:
         async def decode(data: Any) -> Any:
             if isinstance(data, dict) and data.get("$t") == "agents.run_result":
-                out = fn()
-                return await out if inspect.isawaitable(out) else out
+                # Re-enter the step as it first ran: its agent steps replay by name.
+                with self.step_scope(name):
+                    out = fn()
+                    return await out if inspect.isawaitable(out) else out
             return _codec.decode(data)
 
         return decode
@@ -729,7 +744,7 @@ class Tidebase:
                 result = await body(run)
                 await run._drain()
                 encoded = _codec.encode(result, what=f"result of pipeline {pipeline!r}")
-                run._check_size("pipeline result", encoded)
+                run._serialize(f"result of pipeline {pipeline!r}", encoded)
                 run._check_live()
             except BaseException as exc:
                 error = exc.error if isinstance(exc, StopRun) else exc

@@ -59,6 +59,8 @@ from typing import Any, NoReturn, Protocol, cast, get_origin
 
 import pydantic_core
 from agents import Agent, RunContextWrapper, RunResult, RunResultStreaming
+from agents import _run_state_agent_identity as _agent_identity
+from agents import run_state as _run_state_module
 from agents._run_state_agent_identity import _build_agent_map
 from agents.agent_output import AgentOutputSchema, AgentOutputSchemaBase
 from agents.exceptions import (
@@ -104,6 +106,44 @@ CODEC_VERSION = 1
 """Version of the checkpoint layout written by :func:`encode_result`."""
 
 _MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# RunState serialization fast path
+# --------------------------------------------------------------------------------------------
+# ``RunState.to_json`` (run for every agent checkpoint) ranks the agents of the graph by a
+# signature of their whole configuration, to tell apart agents that share a name. When every
+# name is unique that ranking cannot change anything, yet it is most of the cost of the call.
+# The fast path returns what the SDK's functions return for such graphs and defers to them
+# otherwise.
+
+_sdk_identity_map = _agent_identity._build_agent_identity_map
+_sdk_ambiguous_ids = _agent_identity._get_ambiguous_agent_ids
+
+
+def _agents_by_unique_name(initial_agent: Agent[Any]) -> dict[str, Agent[Any]] | None:
+    agents_by_name: dict[str, Agent[Any]] = {}
+    for agent in _agent_identity._iter_agent_graph(initial_agent):
+        if agent.name in agents_by_name:
+            return None
+        agents_by_name[agent.name] = agent
+    return agents_by_name
+
+
+def _identity_map(initial_agent: Agent[Any]) -> dict[str, Agent[Any]]:
+    unique = _agents_by_unique_name(initial_agent)
+    return _sdk_identity_map(initial_agent) if unique is None else unique
+
+
+def _ambiguous_ids(initial_agent: Agent[Any]) -> set[int]:
+    if _agents_by_unique_name(initial_agent) is None:
+        return _sdk_ambiguous_ids(initial_agent)
+    return set()
+
+
+for _module in (_agent_identity, _run_state_module):
+    _module._build_agent_identity_map = _identity_map  # type: ignore[attr-defined]
+    _module._get_ambiguous_agent_ids = _ambiguous_ids  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------

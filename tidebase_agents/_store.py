@@ -19,9 +19,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -172,7 +174,13 @@ class Store:
         self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         # PostgreSQL writes go out as single statements in autocommit (see _store_pg).
         self._pg = self.dialect == "postgresql"
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._writers = pg.WriterPool(_driver_dsn(url)) if self._pg else None
+        #: Statements sent to the database by this store, for round-trip accounting.
+        self.statements = 0
+        event.listen(self.engine.sync_engine, "before_cursor_execute", self._count)
+
+    def _count(self, *_args: Any) -> None:
+        self.statements += 1
 
     def _make_engine(self, echo: bool) -> AsyncEngine:
         if self.dialect == "sqlite":
@@ -262,6 +270,8 @@ class Store:
             await conn.commit()
 
     async def close(self) -> None:
+        if self._writers is not None:
+            await self._writers.close()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -454,25 +464,17 @@ class Store:
         """Create the run under a new lease in one statement; None if the id exists."""
         now = utcnow()
         expires = now + dt.timedelta(seconds=lease_seconds)
-        try:
-            async with self._autocommit.connect() as conn:
-                created = (
-                    await conn.exec_driver_sql(
-                        pg.CREATE_RUN,
-                        (
-                            run_id,
-                            pipeline,
-                            pg.jsonb(input),
-                            input_hash,
-                            owner,
-                            expires,
-                            now,
-                            pg.jsonb({"owner": owner, "pipeline": pipeline}),
-                        ),
-                    )
-                ).scalar()
-        except OSError as exc:
-            raise self._unavailable(exc) from None
+        created = await self._pg_fetchval(
+            pg.CREATE_RUN,
+            run_id,
+            pipeline,
+            pg.jsonb(input),
+            input_hash,
+            owner,
+            expires,
+            now,
+            pg.jsonb({"owner": owner, "pipeline": pipeline}),
+        )
         if created is None:
             return None
         return _created(run_id, pipeline, owner, expires, input, input_hash, now)
@@ -542,8 +544,12 @@ class Store:
         *,
         events: Sequence[Event] = (),
         usage: Sequence[Usage] = (),
+        output_json: str | None = None,
     ) -> None:
-        """Insert or update a step under the lease, with its events and usage, in one commit."""
+        """Insert or update a step under the lease, with its events and usage, in one commit.
+
+        ``output_json`` is the step's output already serialized, when the caller has it.
+        """
         now = utcnow()
         if self._pg:
             await self._pg_fenced(
@@ -551,12 +557,12 @@ class Store:
                 pg.WRITE_STEP,
                 len(events),
                 now,
-                *pg.step_params(step, now),
+                *pg.step_params(step, now, output_json),
                 pg.events_param(events),
                 pg.usage_param(usage),
             )
             return
-        values = dataclasses.asdict(step)
+        values = pg.shallow_fields(step)
         values["run_id"] = lease.run_id
         values["started_at"] = values["started_at"] or now
         stmt = self._insert(StepRow).values(**values)
@@ -571,18 +577,23 @@ class Store:
             if usage:
                 await self._usage(conn, lease.run_id, usage)
 
+    async def _pg_fetchval(self, sql: str, *params: Any) -> Any:
+        """One statement of :mod:`._store_pg` on a writer connection, in autocommit."""
+        assert self._writers is not None
+        self.statements += 1
+        try:
+            async with self._writers.connection() as conn:
+                return await conn.fetchval(sql, *params)
+        except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
+            raise self._unavailable(exc) from None
+
     async def _pg_fenced(self, lease: Lease, sql: str, *params: Any) -> int:
         """Run one of the single-statement fenced writes of :mod:`._store_pg`."""
-        try:
-            async with self._autocommit.connect() as conn:
-                seq = (
-                    await conn.exec_driver_sql(sql, (lease.run_id, lease.token, *params))
-                ).scalar()
-                if seq is None:
-                    await self._raise_fence_error(conn, lease)
-                return int(seq)  # type: ignore[arg-type]
-        except OSError as exc:
-            raise self._unavailable(exc) from None
+        seq = await self._pg_fetchval(sql, lease.run_id, lease.token, *params)
+        if seq is None:
+            async with self.engine.connect() as conn:
+                await self._raise_fence_error(conn, lease)
+        return int(seq)
 
     async def _usage(self, conn: AsyncConnection, run_id: str, usage: Sequence[Usage]) -> None:
         now = utcnow()
@@ -590,7 +601,7 @@ class Store:
             index_elements=["run_id", "dedupe_key"]
         )
         await conn.execute(
-            stmt, [dict(dataclasses.asdict(u), run_id=run_id, created_at=now) for u in usage]
+            stmt, [dict(pg.shallow_fields(u), run_id=run_id, created_at=now) for u in usage]
         )
 
     async def record_usage(self, lease: Lease, usage: Sequence[Usage]) -> None:
@@ -932,6 +943,11 @@ def _created(
     return Acquired(run, Lease(run_id, 1, owner), {}, created=True)
 
 
+def _driver_dsn(url: str) -> str:
+    """The asyncpg DSN of a ``postgresql+asyncpg://`` SQLAlchemy URL."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def _is_connect_error(exc: OperationalError) -> bool:
     text = str(exc.orig).lower()
     return "connect" in text or "unable to open" in text
@@ -990,6 +1006,6 @@ async def close_stores() -> None:
         await store.close()
 
 
-def json_size(value: Any) -> int:
-    """Size in bytes of ``value`` as compact JSON."""
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+def dump_json(value: Any) -> str:
+    """``value`` as compact JSON text, as stored. Raises ``ValueError`` for NaN or infinity."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -5,15 +5,22 @@ statement: a data-modifying CTE that bumps the run's event counter only while th
 lease holds, and inserts the step, events and usage rows from that same row, executed in
 autocommit. It does what :class:`~tidebase_agents._store.Store`'s portable transaction does
 (fence, write, gap-free events) in one round trip instead of five.
+
+These statements go out on a few long-lived driver connections (:class:`WriterPool`): a pool
+checkout through SQLAlchemy costs several times the client work of the statement itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+import asyncpg
 
 from ._models import EventRow, RunRow, StateRow, StepRow, UsageRow
 
@@ -149,10 +156,53 @@ def events_param(events: Sequence[Any]) -> str:
 
 
 def usage_param(usage: Sequence[Any]) -> str:
-    return json.dumps([dataclasses.asdict(u) for u in usage], separators=(",", ":"))
+    return json.dumps([shallow_fields(u) for u in usage], separators=(",", ":"))
 
 
-def step_params(step: Any, now: dt.datetime) -> list[Any]:
-    values = dataclasses.asdict(step)
+def shallow_fields(record: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict, without ``dataclasses.asdict``'s deep copy of payloads."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def step_params(step: Any, now: dt.datetime, output_json: str | None) -> list[Any]:
+    values = shallow_fields(step)
     values["started_at"] = values["started_at"] or now
-    return [jsonb(values[c]) if c in _STEP_JSON else values[c] for c in _STEP_COLS]
+    params = [
+        jsonb(values[c]) if c in _STEP_JSON and c != "output" else values[c] for c in _STEP_COLS
+    ]
+    params[_STEP_COLS.index("output")] = (
+        output_json if output_json is not None else jsonb(step.output)
+    )
+    return params
+
+
+class WriterPool:
+    """A few long-lived asyncpg connections for the single-statement writes."""
+
+    def __init__(self, dsn: str, size: int = 4) -> None:
+        self._dsn = dsn
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[asyncpg.Connection] = []
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                yield conn
+            except BaseException:
+                # Interrupted mid-statement (cancelled, connection lost): don't reuse it.
+                conn.terminate()
+                raise
+            self._idle.append(conn)
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self._dsn)
+        # JSON parameters are passed as text, as the statements above expect.
+        await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
+        return conn
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
