@@ -1,0 +1,1 @@
+"""Benchmark harness for tidebase-agents (see bench/README.md)."""
