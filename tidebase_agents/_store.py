@@ -353,21 +353,8 @@ class Store:
             if row is None:
                 if not create:
                     raise RunNotFound(run_id)
-                values = dict(
-                    run_id=run_id,
-                    pipeline=pipeline,
-                    status="running",
-                    input=input,
-                    input_hash=input_hash,
-                    attempts=1,
-                    lease_owner=owner,
-                    lease_token=1,
-                    lease_expires_at=expires,
-                    event_seq=1,
-                    created_at=now,
-                    updated_at=now,
-                )
-                await conn.execute(insert(RunRow).values(**values))
+                created = _created(run_id, pipeline, owner, expires, input, input_hash, now)
+                await conn.execute(insert(RunRow).values(**pg.shallow_fields(created.run)))
                 await conn.execute(
                     insert(EventRow).values(
                         run_id=run_id,
@@ -377,7 +364,7 @@ class Store:
                         created_at=now,
                     )
                 )
-                return _created(run_id, pipeline, owner, expires, input, input_hash, now)
+                return created
             run = _record(RunRecord, row)
             if run.pipeline != pipeline:
                 raise RunConflict(
