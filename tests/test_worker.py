@@ -421,8 +421,13 @@ async def test_sigterm_lets_running_steps_finish_then_requeues(
     url = calls_table
     common = ["--concurrency", "1", "--poll-interval", "0.2"]
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    worker_a = start_worker(url, log_a, *common, "--queue", "a", "--grace", "60", WK_THINK="3")
-    worker_b = start_worker(url, log_b, *common, "--queue", "b", "--grace", "0.2", WK_THINK="60")
+    # Leases no machine load can outlast: this test is about shutdown, not expiry.
+    worker_a = start_worker(
+        url, log_a, *common, "--queue", "a", "--grace", "60", WK_THINK="3", WK_LEASE="30"
+    )
+    worker_b = start_worker(
+        url, log_b, *common, "--queue", "b", "--grace", "0.2", WK_THINK="60", WK_LEASE="30"
+    )
     store = get_store(url)
     try:
         await wait_ready(log_a, log_b)
