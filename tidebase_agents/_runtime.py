@@ -53,12 +53,12 @@ from ._store import (
 log = logging.getLogger("tidebase_agents")
 
 REPLAY_POLICIES = ("auto", "manual", "never")
-_RUN_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,255}$")
+_RUN_ID = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
 
 
 def validate_run_id(run_id: object) -> str:
     """Return ``run_id`` if it is a usable run id, else raise :class:`ConfigurationError`."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
         raise ConfigurationError(
             f"invalid run id {run_id!r}: use 1 to 255 characters without whitespace or "
             f"control characters"
@@ -150,6 +150,7 @@ class Run:
         self._state_value: Any = None
         self._state_loaded = acquired.run.state_version == 0
         self._lost: TidebaseError | None = None
+        self._state_lock = asyncio.Lock()
         self.loop = asyncio.get_running_loop()
         self._lease_deadline = time.monotonic() + tide.lease_seconds
         self._pending: set[asyncio.Task[Any]] = set()
@@ -215,7 +216,7 @@ class Run:
             keyed=idempotency_key is not None,
             replay=replay,
             retries=retries,
-            encode=self._encode_step_output,
+            encode=lambda value: self._encode_step_output(value, full),
             decode=self._decode_step_output(full, fn),
         )
         return await self.execute(spec)
@@ -223,22 +224,30 @@ class Run:
     async def state_set(self, value: Any) -> int:
         """Append a new version of the run's state; a replayed call writes nothing (R10)."""
         doc = canonical(value, what="run state")
+        async with self._state_lock:
+            return await self._append_state(doc)
+
+    async def state_patch(self, patch: dict[str, Any]) -> int:
+        """Apply a JSON merge patch (RFC 7386) to the latest state as a new version."""
+        if not isinstance(patch, dict):
+            raise ConfigurationError("state_patch takes a JSON object (a merge patch)")
+        doc = canonical(patch, what="state patch")
+        async with self._state_lock:
+            return await self._append_state(_merge_patch(await self.state(), doc))
+
+    async def _append_state(self, doc: Any) -> int:
+        # Under the state lock: versions are allocated and written in one order.
         self._state_calls += 1
         version = self._state_calls
         if version <= self._record.state_version:
             self._state_value, self._state_loaded = None, False
             return version
         self._check_live()
+        self._serialize(f"state version {version}", doc)
         await self._store.append_state(self._lease, version, doc)
         self._record = dataclasses.replace(self._record, state_version=version)
         self._state_value, self._state_loaded = doc, True
         return version
-
-    async def state_patch(self, patch: dict[str, Any]) -> int:
-        """Apply a JSON merge patch (RFC 7386) to the latest state as a new version."""
-        if not isinstance(patch, dict):
-            raise ConfigurationError("state_patch takes a JSON object (a merge patch)")
-        return await self.state_set(_merge_patch(await self.state(), canonical(patch)))
 
     async def state(self) -> Any:
         """The latest state value of this run (None before any ``state_set``)."""
@@ -365,6 +374,11 @@ class Run:
             )
             self._outcome = "manual_review"
             raise StepNeedsReview(self.run_id, spec.name, "in doubt after a crash")
+        if not spec.side_effects:
+            # The step boundary: a run cancelled or taken over since this executor's last
+            # write must not run another step (R6, R12). A side-effecting step's intent
+            # record below is fenced and checks the same.
+            await self._store.check_lease(self._lease)
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())
         if spec.side_effects:
             kind = "step_in_doubt" if decision.in_doubt else "step_started"
@@ -548,14 +562,14 @@ class Run:
             )
         return text
 
-    def _encode_step_output(self, value: Any) -> Any:
+    def _encode_step_output(self, value: Any, name: str) -> Any:
         from agents.result import RunResultBase
 
         if isinstance(value, RunResultBase):
             # The agent step inside holds the real checkpoint; replay re-enters the step
             # function so Runner.run hands back a result bound to this process's live agents.
             return {"$t": "agents.run_result"}
-        return _codec.encode(value, what="step output")
+        return _codec.encode(value, what=f"output of step {name!r}")
 
     def _decode_step_output(
         self, name: str, fn: Callable[[], Any]
@@ -621,6 +635,18 @@ class Run:
                 error=_error_record(exc),
                 event=Event(kind, data=_error_record(exc)),
             )
+
+
+def _check_input_size(input_data: Any, limit: int, pipeline: str) -> None:
+    try:
+        size = len(dump_json(input_data).encode("utf-8"))
+    except ValueError as exc:
+        raise CheckpointSerializationError(f"input of pipeline {pipeline!r}: {exc}") from None
+    if size > limit:
+        raise PayloadTooLarge(
+            f"input of pipeline {pipeline!r} is {size} bytes as JSON, over the limit of {limit} "
+            f"(Tidebase(max_payload_bytes=...))"
+        )
 
 
 def _reason(error: Any) -> str:
@@ -723,6 +749,7 @@ class Tidebase:
 
         ensure_installed()
         store = await self._open_store()
+        _check_input_size(input_data, self.max_payload_bytes, pipeline)
         acquired = await store.acquire(
             run_id,
             pipeline,

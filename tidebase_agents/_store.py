@@ -227,9 +227,12 @@ class Store:
 
     async def _open(self) -> None:
         if self.dialect == "sqlite":
-            Path(self.engine.url.database or "tidebase.db").parent.mkdir(
-                parents=True, exist_ok=True
-            )
+            try:
+                Path(self.engine.url.database or "tidebase.db").parent.mkdir(
+                    parents=True, exist_ok=True
+                )
+            except OSError as exc:
+                raise self._unavailable(exc) from None
             await self.migrate()
             return
         revision = await self.schema_revision()
@@ -566,11 +569,16 @@ class Store:
 
     async def _pg_fetchval(self, sql: str, *params: Any) -> Any:
         """One statement of :mod:`._store_pg` on a writer connection, in autocommit."""
+        row = await self._pg_fetch(sql, *params)
+        return row[0] if row is not None else None
+
+    async def _pg_fetch(self, sql: str, *params: Any) -> Any:
+        """The first row of one statement on a writer connection, in autocommit."""
         assert self._writers is not None
         self.statements += 1
         try:
             async with self._writers.connection() as conn:
-                return await conn.fetchval(sql, *params)
+                return await conn.fetchrow(sql, *params)
         except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
             raise self._unavailable(exc) from None
 
@@ -660,6 +668,27 @@ class Store:
                 finished_at=finished_at,
             )
             await self._events(conn, lease.run_id, seq, [event])
+
+    async def check_lease(self, lease: Lease) -> None:
+        """Raise ``RunCancelled`` or ``LeaseLost`` unless ``lease`` still holds a running run."""
+        sql = f"SELECT status, lease_token FROM {RunRow.__tablename__} WHERE run_id = $1"
+        if self._pg:
+            row = await self._pg_fetch(sql, lease.run_id)
+            status, token = (row["status"], row["lease_token"]) if row else (None, None)
+        else:
+            async with self.engine.connect() as conn:
+                found = (
+                    await conn.execute(
+                        select(RunRow.status, RunRow.lease_token).where(
+                            RunRow.run_id == lease.run_id
+                        )
+                    )
+                ).first()
+            status, token = (found.status, found.lease_token) if found else (None, None)
+        if status == "cancelled":
+            raise RunCancelled(lease.run_id)
+        if status != "running" or token != lease.token:
+            raise LeaseLost(lease.run_id)
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> None:
         """Extend the lease; raises ``LeaseLost`` or ``RunCancelled`` when it is gone."""
