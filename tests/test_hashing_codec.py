@@ -1,0 +1,230 @@
+"""I5 canonical hashing and the checkpoint codec, as pure functions (no database).
+
+The step-level view of the same rules (recorded input hashes, errors naming the step) is in
+test_replay_contract.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import pytest
+from child_support import Box, Color, Point
+from pydantic import BaseModel
+
+from tidebase_agents import CheckpointSerializationError
+from tidebase_agents._codec import decode, encode
+from tidebase_agents._hashing import canonical, sha256_hex
+
+
+def sdk_hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+PLAIN_JSON = [
+    None,
+    True,
+    0,
+    -17,
+    2**63,
+    1.5,
+    -0.25,
+    "",
+    "plain",
+    "ünïcödé 日本 \u2028 emoji 🎉",
+    [],
+    {},
+    [1, "a", None, [2.5, {"k": False}]],
+    {"b": 1, "a": {"z": [3, 2, 1], "y": "é"}, "": None},
+]
+
+
+@pytest.mark.parametrize("value", PLAIN_JSON, ids=repr)
+def test_i5_plain_json_hash_equals_the_sdk_hash(value: Any) -> None:
+    """I5: for plain JSON, the hash is SHA-256 over json.dumps(sort_keys, compact separators,
+    ensure_ascii=False) encoded as UTF-8 (what the Tidebase SDKs compute)."""
+    assert sha256_hex(value) == sdk_hash(value)
+    assert canonical(value) == value
+
+
+def test_i5_hash_ignores_dict_order_and_set_order() -> None:
+    assert sha256_hex({"a": 1, "b": 2}) == sha256_hex({"b": 2, "a": 1})
+    assert sha256_hex({3, 1, 2}) == sha256_hex({2, 3, 1}) == sdk_hash([1, 2, 3])
+    assert sha256_hex(frozenset({"b", "a"})) == sdk_hash(["a", "b"])
+    assert sha256_hex({"a": 1}) != sha256_hex({"a": 2})
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+
+
+@dataclasses.dataclass
+class Inner:
+    when: dt.date
+    raw: bytes
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str
+    inner: Inner
+    tags: set[str]
+
+
+class Doc(BaseModel):
+    title: str
+    at: dt.datetime
+    mode: Mode
+    items: list[int] = []
+
+
+@pytest.mark.parametrize(
+    ("value", "form"),
+    [
+        (Point(x=1, y=2), {"x": 1, "y": 2, "tags": []}),
+        (
+            Doc(
+                title="t",
+                at=dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+                mode=Mode.FAST,
+            ),
+            {"title": "t", "at": "2024-01-02T03:04:05Z", "mode": "fast", "items": []},
+        ),
+        (
+            Outer("o", Inner(dt.date(2024, 1, 2), b"\x00\xff"), {"b", "a"}),
+            {"name": "o", "inner": {"when": "2024-01-02", "raw": "AP8="}, "tags": ["a", "b"]},
+        ),
+        (Color.RED, "red"),
+        (Level.LOW, 1),
+        (dt.datetime(2024, 1, 2, 3, 4, 5, 6), "2024-01-02T03:04:05.000006"),
+        (
+            dt.datetime(2024, 1, 2, 3, 4, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+            "2024-01-02T03:04:00-05:00",
+        ),
+        (dt.date(2024, 2, 29), "2024-02-29"),
+        (b"hello", "aGVsbG8="),
+        (bytearray(b"\x01"), "AQ=="),
+        # Set elements are ordered by their canonical JSON text (defined for mixed types too).
+        ({2, 10, 1}, [1, 10, 2]),
+        ({"b", 1, None}, ["b", 1, None]),
+        ({"b", "a"}, ["a", "b"]),
+        ((1, (2, "x")), [1, [2, "x"]]),
+        (
+            {"nested": [Point(x=0, y=0), {Color.BLUE}]},
+            {"nested": [{"x": 0, "y": 0, "tags": []}, ["blue"]]},
+        ),
+        (decimal.Decimal("1.10"), "1.10"),
+        (uuid.UUID(int=1), "00000000-0000-0000-0000-000000000001"),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_i5_canonical_forms(value: Any, form: Any) -> None:
+    """I5: pydantic models dump in JSON mode, dataclasses as field dicts, enums as their value,
+    datetimes as ISO 8601, bytes as base64, sets as sorted lists, tuples as lists; the hash is
+    the SDK hash of that form."""
+    assert canonical(value) == form
+    assert sha256_hex(value) == sdk_hash(form)
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ({"a": {"b": [1, 2, object()]}}, "$.a.b[2]"),
+        ([{"x": lambda: 1}], "$[0].x"),
+        (Outer("o", Inner(dt.date(2024, 1, 1), object()), set()), "$.inner.raw"),  # type: ignore[arg-type]
+        ({"k": {1: "int key"}}, "$.k"),
+        ({"f": float("nan")}, "$.f"),
+        ({"f": [float("inf")]}, "$.f[0]"),
+    ],
+    ids=["object", "lambda", "dataclass-field", "int-key", "nan", "inf"],
+)
+def test_i5_unsupported_values_name_what_and_where(value: Any, path: str) -> None:
+    """I5: a value with no canonical form fails naming the thing hashed and the path."""
+    with pytest.raises(CheckpointSerializationError) as info:
+        sha256_hex(value, what="input of step 'fetch'")
+    message = str(info.value)
+    assert "input of step 'fetch'" in message
+    assert f" {path}" in message, message
+
+
+CODEC_VALUES = [
+    None,
+    True,
+    7,
+    2.5,
+    float("inf"),
+    "s",
+    [1, [2]],
+    {"a": {"b": None}},
+    {"$t": "looks like a tag", "v": 1},
+    (1, (2, 3)),
+    {1, 2},
+    frozenset({"a"}),
+    b"\x00\xff",
+    dt.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
+    dt.datetime(2024, 1, 2, 3, 4, 5),
+    dt.date(2024, 1, 2),
+    dt.time(3, 4, 5),
+    dt.timedelta(days=1, seconds=2),
+    decimal.Decimal("1.10"),
+    uuid.UUID(int=7),
+    Color.BLUE,
+    Point(x=1, y=2, tags=["a"]),
+    Box("b", (1, 2), dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)),
+    {"deep": [Point(x=3, y=4), (Color.RED, {b"k"})]},
+]
+
+
+@pytest.mark.parametrize("value", CODEC_VALUES, ids=lambda v: type(v).__name__)
+def test_codec_round_trips_values_with_their_types(value: Any) -> None:
+    """R1: a checkpoint is plain JSON and decodes to an equal value of the same type."""
+    data = encode(value)
+    assert json.loads(json.dumps(data)) == data
+    back = decode(json.loads(json.dumps(data)))
+    assert back == value
+    assert type(back) is type(value)
+
+
+def test_codec_keeps_nested_types() -> None:
+    back = decode(json.loads(json.dumps(encode(CODEC_VALUES[-1]))))
+    assert type(back["deep"][0]) is Point
+    assert type(back["deep"][1]) is tuple
+    assert type(back["deep"][1][0]) is Color
+    assert type(back["deep"][1][1]) is set
+    box = decode(encode(CODEC_VALUES[-2]))
+    assert type(box.sizes) is tuple
+    assert box.when.tzinfo is not None
+
+
+def test_codec_rejects_unsupported_values_with_the_path() -> None:
+    with pytest.raises(CheckpointSerializationError, match=r"\$\.a\.b\[2\]"):
+        encode({"a": {"b": [1, 2, object()]}})
+    with pytest.raises(CheckpointSerializationError, match=r"\$\.k"):
+        encode({"k": {1: "int key"}})
+
+
+def test_codec_never_imports_code_named_by_a_checkpoint() -> None:
+    """Decoding resolves classes only among modules already imported; it never imports."""
+    import sys
+
+    name = "tidebase_test_never_imported_module"
+    data = {"$t": "pydantic", "cls": f"{name}:Evil", "v": {}}
+    with pytest.raises(CheckpointSerializationError, match="not imported"):
+        decode(data)
+    assert name not in sys.modules
+    with pytest.raises(CheckpointSerializationError):
+        decode({"$t": "pydantic", "cls": "child_support:DoesNotExist", "v": {}})
+    with pytest.raises(CheckpointSerializationError):
+        decode({"$t": "no-such-tag", "v": 1})
