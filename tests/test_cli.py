@@ -83,7 +83,9 @@ async def test_migrate_and_database_errors(empty_pg_url: str) -> None:
     failed(bad, 1, "unsupported database")
     failed(unreachable, 4, "cannot reach database")
 
-    assert "empty -> 0001_initial" in ok(cli("migrate", url=empty_pg_url))
+    # The URL is accepted after the command too, where people tend to type it.
+    assert "empty -> 0001_initial" in ok(cli("migrate", "--database-url", empty_pg_url))
+    assert "0001_initial -> 0001_initial" in ok(cli("migrate", url=empty_pg_url))
     store = Store(empty_pg_url.replace("postgresql://", "postgresql+asyncpg://"))
     try:
         assert await store.schema_revision() == "0001_initial"

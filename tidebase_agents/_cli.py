@@ -198,9 +198,9 @@ def _root(ctx: typer.Context, database_url: DatabaseUrl = None) -> None:
 
 
 @app.command()
-def migrate(ctx: typer.Context) -> None:
+def migrate(ctx: typer.Context, database_url: DatabaseUrl = None) -> None:
     """Create or upgrade the tidebase tables (PostgreSQL is never migrated implicitly)."""
-    url = _url(ctx)
+    url = database_url or _url(ctx)
 
     async def go() -> tuple[str, str | None]:
         store = get_store(url)
