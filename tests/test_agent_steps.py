@@ -116,6 +116,21 @@ async def test_step_names_count_calls_per_agent_and_nest_tool_calls(db_url: str)
     assert await usage_rows(db_url, "run-names") == rows
     assert lookups == ["alpha", "beta"]
 
+    # The query API totals the same rows, by run and by pipeline and model.
+    tide = Tidebase(db_url)
+    by_run = await tide.usage(by=["run"], run_id="run-names")
+    assert [(r["run"], r["requests"], r["total_tokens"], r["records"]) for r in by_run] == [
+        ("run-names", 5, 75, 3)
+    ]
+    (by_model,) = await tide.usage(by=["pipeline", "model"])
+    model_name = rows[0][1]
+    assert (by_model["pipeline"], by_model["model"], by_model["total_tokens"]) == (
+        "names",
+        model_name,
+        75,
+    )
+    assert (by_model["cost_usd"], by_model["unpriced_models"]) == (None, [model_name])
+
 
 async def test_usage_is_recorded_once_per_agent_step_and_replay_adds_none(db_url: str) -> None:
     model = policy_model(lambda call: message("ok " + user_text(call), inp=40, out=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import inspect
 import logging
@@ -816,6 +817,33 @@ class Tidebase:
         """Resolve a ``manual_review`` step: ``retry`` it, supply its ``output``, or ``fail`` it."""
         encoded = _codec.encode(output, what="reviewed output") if action == "output" else None
         return await (await self._open_store()).review_step(run_id, step, action, encoded)
+
+    async def usage(
+        self,
+        by: Sequence[str] = ("pipeline", "model"),
+        *,
+        run_id: str | None = None,
+        pipeline: str | None = None,
+        since: dt.datetime | None = None,
+        prices: str | os.PathLike[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Token totals and cost grouped by any of ``run``, ``pipeline`` and ``model`` (R9).
+
+        Each row holds the group's keys, ``requests`` and ``input``/``output``/``cached``/
+        ``total`` tokens, ``records`` and ``cost_usd`` (None when a model has no price;
+        ``prices`` is a JSON price table overriding the built-in one).
+        """
+        from ._pricing import load_prices, parse_group_by, usage_report
+
+        keys = parse_group_by(",".join(by))
+        return await usage_report(
+            await self._open_store(),
+            keys,
+            load_prices(prices),
+            pipeline=pipeline,
+            run_id=run_id,
+            since=since,
+        )
 
     async def migrate(self) -> None:
         """Run the packaged migrations against this database."""

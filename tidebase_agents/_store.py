@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event, func, insert, select, update
+from sqlalchemy import event, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -870,55 +870,6 @@ class Store:
                 select(UsageRow).where(UsageRow.run_id == run_id).order_by(UsageRow.id)
             )
             return [_record(Usage, r) for r in rows]
-
-    async def usage_totals(
-        self,
-        by: Sequence[str] = ("pipeline", "model"),
-        *,
-        run_id: str | None = None,
-        pipeline: str | None = None,
-        since: dt.datetime | None = None,
-    ) -> list[dict[str, Any]]:
-        """Token totals grouped by any of ``run_id``, ``pipeline``, ``model``, ``kind``."""
-        allowed = {
-            "run_id": UsageRow.run_id,
-            "pipeline": RunRow.pipeline,
-            "model": UsageRow.model,
-            "kind": UsageRow.kind,
-            "provider": UsageRow.provider,
-        }
-        unknown = [b for b in by if b not in allowed]
-        if unknown:
-            raise ConfigurationError(f"cannot group usage by {unknown}; use {sorted(allowed)}")
-        keys = [allowed[b].label(b) for b in by]
-        sums = [
-            func.sum(getattr(UsageRow, c)).label(c)
-            for c in (
-                "requests",
-                "input_tokens",
-                "output_tokens",
-                "cached_tokens",
-                "reasoning_tokens",
-                "total_tokens",
-            )
-        ]
-        q = (
-            select(*keys, *sums, func.count().label("records"))
-            .join(RunRow, RunRow.run_id == UsageRow.run_id)
-            .group_by(*keys)
-            .order_by(*keys)
-        )
-        if run_id:
-            q = q.where(UsageRow.run_id == run_id)
-        if pipeline:
-            q = q.where(RunRow.pipeline == pipeline)
-        if since:
-            q = q.where(UsageRow.created_at >= since)
-        async with self.engine.connect() as conn:
-            return [
-                {k: (int(v) if k not in by and v is not None else v) for k, v in r._mapping.items()}
-                for r in await conn.execute(q)
-            ]
 
 
 def _created(
