@@ -695,6 +695,11 @@ class Tidebase:
         self.retry_backoff = float(retry_backoff)
         self.max_payload_bytes = int(max_payload_bytes)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        from ._integration import ensure_installed
+
+        # Load the Agents SDK integration now, when the application defines its pipelines,
+        # rather than inside a first run, where the import would stall leases and heartbeats.
+        ensure_installed()
 
     @property
     def store(self) -> Store:
