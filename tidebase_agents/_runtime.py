@@ -89,6 +89,10 @@ def _error_record(exc: BaseException, step: str | None = None) -> dict[str, Any]
 
 # Errors that steer the run rather than report a failure of the step's own work.
 RUN_CONTROL = (LeaseLost, RunCancelled, StepNeedsReview, StepInputMismatch, StepFailed)
+#: A lease confirmed by the database this recently (seconds) is not checked again at the next
+#: step boundary: back-to-back steps skip a read. A cancellation committed in that window can
+#: let one more step without side effects run; its checkpoint is refused all the same.
+BOUNDARY_REUSE = 0.0005
 #: Step statuses after which the run cannot go on past the step.
 HALTING = ("manual_review", "failed")
 
@@ -154,6 +158,8 @@ class Run:
         self._state_lock = asyncio.Lock()
         self.loop = asyncio.get_running_loop()
         self._lease_deadline = time.monotonic() + tide.lease_seconds
+        #: When the database last confirmed this executor's lease (acquire, a fenced write).
+        self._confirmed_at = time.monotonic()
         self._pending: set[asyncio.Task[Any]] = set()
         self._outcome: str | None = None
         self.executed: list[str] = []
@@ -375,11 +381,12 @@ class Run:
             )
             self._outcome = "manual_review"
             raise StepNeedsReview(self.run_id, spec.name, "in doubt after a crash")
-        if not spec.side_effects:
+        if not spec.side_effects and time.monotonic() - self._confirmed_at > BOUNDARY_REUSE:
             # The step boundary: a run cancelled or taken over since this executor's last
             # write must not run another step (R6, R12). A side-effecting step's intent
             # record below is fenced and checks the same.
             await self._store.check_lease(self._lease)
+            self._confirmed_at = time.monotonic()
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())
         if spec.side_effects:
             kind = "step_in_doubt" if decision.in_doubt else "step_started"
@@ -547,6 +554,7 @@ class Run:
         except (LeaseLost, RunCancelled) as exc:
             self._lost = exc
             raise
+        self._confirmed_at = time.monotonic()
         self._steps[spec.name] = record
 
     def _serialize(self, what: str, encoded: Any) -> str:
@@ -750,7 +758,8 @@ class Tidebase:
         """
         if not isinstance(pipeline, str) or not pipeline:
             raise ConfigurationError("pipeline name must be a non-empty string")
-        run_id = validate_run_id(run_id if run_id is not None else new_run_id())
+        fresh_id = run_id is None
+        run_id = validate_run_id(new_run_id() if run_id is None else run_id)
         from ._integration import ensure_installed
 
         ensure_installed()
@@ -765,6 +774,7 @@ class Tidebase:
             input_hash=input_hash,
             create=create,
             claim_token=claim_token,
+            fresh_id=fresh_id,
         )
         if acquired.lease is None:
             return _codec.decode(acquired.run.output)

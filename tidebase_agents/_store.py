@@ -302,8 +302,11 @@ class Store:
         input_hash: str | None = None,
         create: bool = True,
         claim_token: int | None = None,
+        fresh_id: bool = False,
     ) -> Acquired:
         """Start or resume ``run_id``: create it, take its lease, or report it completed.
+
+        ``fresh_id`` says the caller just generated the id, so the run is new.
 
         ``claim_token`` is for a worker that already claimed the run (status ``running`` under
         that token and ``owner``): the claim becomes the execution's lease.
@@ -312,13 +315,20 @@ class Store:
         ``RunCancelled`` for runs that ended so, ``RunConflict`` if the id belongs to another
         pipeline or was recorded with other arguments. Loads every checkpoint in one query (R8).
         """
-        if self._pg and create and claim_token is None:
-            # Most invocations start a new run: try that in one round trip first.
-            created = await self._pg_create(
-                run_id, pipeline, owner, lease_seconds, input, input_hash
-            )
-            if created is not None:
-                return created
+        if self._pg and claim_token is None:
+            # The common cases in one round trip: a new run, or a resumable one.
+            if not fresh_id:
+                taken = await self._pg_takeover(
+                    run_id, pipeline, owner, lease_seconds, input, input_hash
+                )
+                if taken is not None:
+                    return dataclasses.replace(taken, steps=await self.load_steps(run_id))
+            if create:
+                created = await self._pg_create(
+                    run_id, pipeline, owner, lease_seconds, input, input_hash
+                )
+                if created is not None:
+                    return created
         for attempt in range(3):
             try:
                 acquired = await self._acquire_tx(
@@ -468,6 +478,32 @@ class Store:
         if created is None:
             return None
         return _created(run_id, pipeline, owner, expires, input, input_hash, now)
+
+    async def _pg_takeover(
+        self,
+        run_id: str,
+        pipeline: str,
+        owner: str,
+        lease_seconds: float,
+        input: Any,
+        input_hash: str | None,
+    ) -> Acquired | None:
+        """Take the lease of a resumable run in one statement; None if there is none."""
+        now = utcnow()
+        row = await self._pg_fetch(
+            pg.TAKEOVER_RUN,
+            run_id,
+            pipeline,
+            owner,
+            now + dt.timedelta(seconds=lease_seconds),
+            now,
+            pg.jsonb(input),
+            input_hash,
+        )
+        if row is None:
+            return None
+        run = RunRecord(**{f.name: row[f.name] for f in dataclasses.fields(RunRecord)})
+        return Acquired(run, Lease(run_id, run.lease_token, owner), {})
 
     async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
         """Every checkpoint of a run, in one query."""

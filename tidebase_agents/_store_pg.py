@@ -144,6 +144,28 @@ CREATE_RUN = (
     f"SELECT run_id FROM ins"
 )
 
+# Take the lease of an existing run that may be (re)started: queued, retryable, parked, or
+# running under an expired lease. Anything else (a live lease, an ended run, another pipeline
+# or other arguments) matches no row and is sorted out by the portable transaction.
+TAKEOVER_RUN = (
+    f"WITH o AS (SELECT status AS old_status, lease_owner AS old_owner FROM {RUNS} "
+    f"WHERE run_id = $1), "
+    f"upd AS (UPDATE {RUNS} r SET status = 'running', lease_owner = $3, "
+    f"lease_token = r.lease_token + 1, lease_expires_at = $4, attempts = r.attempts + 1, "
+    f"event_seq = r.event_seq + 1, updated_at = $5, input = COALESCE(r.input, $6::jsonb), "
+    f"input_hash = COALESCE(r.input_hash, $7) FROM o "
+    f"WHERE r.run_id = $1 AND r.pipeline = $2 "
+    f"AND ($7::text IS NULL OR r.input_hash IS NULL OR r.input_hash = $7) "
+    f"AND (r.status IN ('queued', 'failed_retryable', 'manual_review') "
+    f"OR (r.status = 'running' AND (r.lease_expires_at IS NULL OR r.lease_expires_at <= $5))) "
+    f"RETURNING r.*, o.old_status, o.old_owner), "
+    f"ev AS (INSERT INTO {EVENTS} (run_id, seq, kind, data, created_at) "
+    f"SELECT run_id, event_seq, CASE WHEN old_status = 'running' THEN 'lease_taken_over' "
+    f"ELSE 'run_resumed' END, jsonb_build_object('owner', $3::text, 'from_status', old_status, "
+    f"'previous_owner', old_owner, 'token', lease_token), $5 FROM upd) "
+    f"SELECT * FROM upd"
+)
+
 
 def events_param(events: Sequence[Any]) -> str:
     return json.dumps(
