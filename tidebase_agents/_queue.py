@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ._errors import (
@@ -25,9 +25,9 @@ from ._errors import (
     RunLocked,
     RunNotFound,
 )
-from ._models import ACTIVE_RUN_STATUSES, EventRow, RunRow
+from ._models import ACTIVE_RUN_STATUSES, RunRow
 from ._runtime import new_run_id, validate_run_id
-from ._store import RunRecord, Store, utcnow
+from ._store import _RUN_COLS, RunRecord, Store, append_event, bump_event_seq, locked_run, utcnow
 
 DEFAULT_QUEUE = "default"
 #: Attempts a queued run gets when it was enqueued without ``max_attempts``.
@@ -41,8 +41,6 @@ RECONCILER_LOCK_KEY = 0x7469646562617365  # b"tidebase"
 FAILURE_EXECUTOR_LOST = "executor_lost"
 FAILURE_RETRIES_EXHAUSTED = "retries_exhausted"
 FAILURE_DEADLINE = "deadline_exceeded"
-
-_RUN_COLS = [getattr(RunRow, f.name) for f in dataclasses.fields(RunRecord)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,27 +99,6 @@ def _check_name(value: str | None, what: str, *, required: bool) -> None:
         return
     if not isinstance(value, str) or not 0 < len(value) <= 255:
         raise ConfigurationError(f"{what} must be a string of 1 to 255 characters, got {value!r}")
-
-
-async def _next_seq(conn: AsyncConnection, run_id: str, **values: Any) -> int:
-    """Bump the run's event counter (with ``values``) and return the new sequence number."""
-    seq = (
-        await conn.execute(
-            update(RunRow)
-            .where(RunRow.run_id == run_id)
-            .values(event_seq=RunRow.event_seq + 1, **values)
-            .returning(RunRow.event_seq)
-        )
-    ).scalar_one()
-    return int(seq)
-
-
-async def _event(
-    conn: AsyncConnection, run_id: str, seq: int, kind: str, data: dict[str, Any]
-) -> None:
-    await conn.execute(
-        insert(EventRow).values(run_id=run_id, seq=seq, kind=kind, data=data, created_at=utcnow())
-    )
 
 
 async def _notify(store: Store, conn: AsyncConnection, queue: str) -> None:
@@ -188,7 +165,7 @@ async def enqueue(
                 )
             ).scalar()
             if inserted is not None:
-                await _event(
+                await append_event(
                     conn,
                     run_id,
                     1,
@@ -302,7 +279,7 @@ async def claim(
         ).all()
         claims = []
         for r in rows:
-            await _event(
+            await append_event(
                 conn,
                 r.run_id,
                 r.event_seq,
@@ -353,7 +330,7 @@ async def _retry_or_fail(
             "max_attempts": limit,
             "last_error": run.error,
         }
-        seq = await _next_seq(
+        seq = await bump_event_seq(
             conn,
             run.run_id,
             status="failed",
@@ -363,7 +340,7 @@ async def _retry_or_fail(
             finished_at=now,
             updated_at=now,
         )
-        await _event(
+        await append_event(
             conn,
             run.run_id,
             seq,
@@ -372,7 +349,7 @@ async def _retry_or_fail(
         )
         return "failed"
     delay = 0.0 if immediate else backoff.delay(run.attempts)
-    seq = await _next_seq(
+    seq = await bump_event_seq(
         conn,
         run.run_id,
         status="queued",
@@ -382,7 +359,7 @@ async def _retry_or_fail(
         lease_expires_at=None,
         updated_at=now,
     )
-    await _event(
+    await append_event(
         conn,
         run.run_id,
         seq,
@@ -399,13 +376,6 @@ async def _retry_or_fail(
     return "queued"
 
 
-async def _locked_run(conn: AsyncConnection, run_id: str) -> RunRecord | None:
-    row = (
-        await conn.execute(select(*_RUN_COLS).where(RunRow.run_id == run_id).with_for_update())
-    ).first()
-    return RunRecord(**row._mapping) if row is not None else None
-
-
 async def settle_claim(
     store: Store, claim: Claim, backoff: Backoff, *, interrupted: bool = False
 ) -> str:
@@ -417,7 +387,7 @@ async def settle_claim(
     ``interrupted`` (worker shutdown) requeues at once without counting against the budget.
     """
     async with store._tx() as conn:
-        run = await _locked_run(conn, claim.run_id)
+        run = await locked_run(conn, claim.run_id)
         if run is None:
             raise RunNotFound(claim.run_id)
         if run.lease_token != claim.token or run.status not in ("failed_retryable", "running"):
@@ -442,7 +412,7 @@ async def requeue(store: Store, run_id: str, *, queue: str | None = None) -> str
     validate_run_id(run_id)
     _check_name(queue, "queue", required=False)
     async with store._tx() as conn:
-        run = await _locked_run(conn, run_id)
+        run = await locked_run(conn, run_id)
         if run is None:
             raise RunNotFound(run_id)
         if run.status == "queued":
@@ -509,7 +479,7 @@ async def reconcile(
             return [RunRecord(**r._mapping) for r in rows]
 
         for run in await candidates(RunRow.status.in_(ACTIVE_RUN_STATUSES), RunRow.deadline < now):
-            seq = await _next_seq(
+            seq = await bump_event_seq(
                 conn,
                 run.run_id,
                 status="cancelled",
@@ -521,7 +491,7 @@ async def reconcile(
                 finished_at=now,
                 updated_at=now,
             )
-            await _event(
+            await append_event(
                 conn,
                 run.run_id,
                 seq,

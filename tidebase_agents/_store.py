@@ -409,36 +409,29 @@ class Store:
             ):
                 raise RunLocked(run_id, run.lease_owner)
             token = run.lease_token + 1
-            seq = run.event_seq + 1
-            await conn.execute(
-                update(RunRow)
-                .where(RunRow.run_id == run_id)
-                .values(
-                    status="running",
-                    lease_owner=owner,
-                    lease_token=token,
-                    lease_expires_at=expires,
-                    attempts=RunRow.attempts + 1,
-                    event_seq=seq,
-                    updated_at=now,
-                    input=run.input if run.input is not None else input,
-                    input_hash=run.input_hash or input_hash,
-                )
+            seq = await bump_event_seq(
+                conn,
+                run_id,
+                status="running",
+                lease_owner=owner,
+                lease_token=token,
+                lease_expires_at=expires,
+                attempts=RunRow.attempts + 1,
+                updated_at=now,
+                input=run.input if run.input is not None else input,
+                input_hash=run.input_hash or input_hash,
             )
-            took_over = run.status == "running"
-            await conn.execute(
-                insert(EventRow).values(
-                    run_id=run_id,
-                    seq=seq,
-                    kind="lease_taken_over" if took_over else "run_resumed",
-                    data={
-                        "owner": owner,
-                        "from_status": run.status,
-                        "previous_owner": run.lease_owner,
-                        "token": token,
-                    },
-                    created_at=now,
-                )
+            await append_event(
+                conn,
+                run_id,
+                seq,
+                "lease_taken_over" if run.status == "running" else "run_resumed",
+                {
+                    "owner": owner,
+                    "from_status": run.status,
+                    "previous_owner": run.lease_owner,
+                    "token": token,
+                },
             )
             run = dataclasses.replace(
                 run,
@@ -748,38 +741,22 @@ class Store:
         """Cancel a run that has not ended; return its status afterwards. One-way (R12)."""
         now = utcnow()
         async with self._tx() as conn:
-            run = (
-                await conn.execute(
-                    select(RunRow.status, RunRow.event_seq)
-                    .where(RunRow.run_id == run_id)
-                    .with_for_update()
-                )
-            ).first()
+            run = await locked_run(conn, run_id)
             if run is None:
                 raise RunNotFound(run_id)
             if run.status in TERMINAL_RUN_STATUSES:
-                return str(run.status)
-            seq = run.event_seq + 1
-            await conn.execute(
-                update(RunRow)
-                .where(RunRow.run_id == run_id)
-                .values(
-                    status="cancelled",
-                    cancel_requested=True,
-                    finished_at=now,
-                    updated_at=now,
-                    event_seq=seq,
-                    lease_expires_at=None,
-                )
+                return run.status
+            seq = await bump_event_seq(
+                conn,
+                run_id,
+                status="cancelled",
+                cancel_requested=True,
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
             )
-            await conn.execute(
-                insert(EventRow).values(
-                    run_id=run_id,
-                    seq=seq,
-                    kind="run_cancelled",
-                    data={"from_status": run.status, "reason": reason},
-                    created_at=now,
-                )
+            await append_event(
+                conn, run_id, seq, "run_cancelled", {"from_status": run.status, "reason": reason}
             )
             return "cancelled"
 
@@ -791,13 +768,7 @@ class Store:
             raise ConfigurationError(f"unknown review action {action!r}")
         now = utcnow()
         async with self._tx() as conn:
-            run = (
-                await conn.execute(
-                    select(RunRow.status, RunRow.event_seq)
-                    .where(RunRow.run_id == run_id)
-                    .with_for_update()
-                )
-            ).first()
+            run = await locked_run(conn, run_id)
             if run is None:
                 raise RunNotFound(run_id)
             row = (
@@ -824,23 +795,13 @@ class Store:
                 .where(StepRow.run_id == run_id, StepRow.name == step)
                 .values(**step_values)
             )
-            seq = run.event_seq + 1
-            run_values: dict[str, Any] = {"status": run_status, "updated_at": now, "event_seq": seq}
+            run_values: dict[str, Any] = {"status": run_status, "updated_at": now}
             if action == "fail":
                 run_values.update(
                     error={"step": step, "message": "failed by operator review"}, finished_at=now
                 )
-            await conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(**run_values))
-            await conn.execute(
-                insert(EventRow).values(
-                    run_id=run_id,
-                    seq=seq,
-                    kind=f"step_review_{action}",
-                    step=step,
-                    data=None,
-                    created_at=now,
-                )
-            )
+            seq = await bump_event_seq(conn, run_id, **run_values)
+            await append_event(conn, run_id, seq, f"step_review_{action}", None, step=step)
             return dataclasses.replace(_record(StepRecord, row), **step_values)
 
     # -- reads -----------------------------------------------------------------------------
@@ -906,6 +867,45 @@ class Store:
                 select(UsageRow).where(UsageRow.run_id == run_id).order_by(UsageRow.id)
             )
             return [_record(Usage, r) for r in rows]
+
+
+async def locked_run(conn: AsyncConnection, run_id: str) -> RunRecord | None:
+    """The run, row-locked for the rest of the transaction (None if there is no such run)."""
+    row = (
+        await conn.execute(select(*_RUN_COLS).where(RunRow.run_id == run_id).with_for_update())
+    ).first()
+    return RunRecord(**row._mapping) if row is not None else None
+
+
+async def bump_event_seq(conn: AsyncConnection, run_id: str, **values: Any) -> int:
+    """Bump the run's event counter (setting ``values`` too); return the new sequence number.
+
+    Taken in the transaction that appends the event, so the log stays gap-free (R11).
+    """
+    seq = (
+        await conn.execute(
+            update(RunRow)
+            .where(RunRow.run_id == run_id)
+            .values(event_seq=RunRow.event_seq + 1, **values)
+            .returning(RunRow.event_seq)
+        )
+    ).scalar_one()
+    return int(seq)
+
+
+async def append_event(
+    conn: AsyncConnection,
+    run_id: str,
+    seq: int,
+    kind: str,
+    data: dict[str, Any] | None,
+    step: str | None = None,
+) -> None:
+    await conn.execute(
+        insert(EventRow).values(
+            run_id=run_id, seq=seq, kind=kind, step=step, data=data, created_at=utcnow()
+        )
+    )
 
 
 def _created(
