@@ -86,6 +86,19 @@ def fresh_pg_database(template: str) -> str:
     return name
 
 
+def _temporary_pg_database(pg_template: str | None, *, migrated: bool) -> Iterator[str]:
+    """A PostgreSQL database of the test's own (migrated from the template, or empty)."""
+    if pg_template is None:
+        pytest.skip("PostgreSQL not reachable (set TIDEBASE_TEST_REQUIRE_PG=1 to require it)")
+    if migrated:
+        name = fresh_pg_database(pg_template)
+    else:
+        name = f"tidebase_e_{uuid.uuid4().hex[:12]}"
+        pg_admin(f'CREATE DATABASE "{name}"')
+    yield _pg_url(name)
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(
     request: pytest.FixtureRequest, tmp_path: Path, pg_template: str | None
@@ -94,32 +107,19 @@ def db_url(
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'tidebase.db'}"
         return
-    if pg_template is None:
-        pytest.skip("PostgreSQL not reachable (set TIDEBASE_TEST_REQUIRE_PG=1 to require it)")
-    name = fresh_pg_database(pg_template)
-    yield _pg_url(name)
-    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _temporary_pg_database(pg_template, migrated=True)
 
 
 @pytest.fixture
 def pg_url(pg_template: str | None) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database URL (for PostgreSQL-only probes)."""
-    if pg_template is None:
-        pytest.skip("PostgreSQL not reachable (set TIDEBASE_TEST_REQUIRE_PG=1 to require it)")
-    name = fresh_pg_database(pg_template)
-    yield _pg_url(name)
-    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _temporary_pg_database(pg_template, migrated=True)
 
 
 @pytest.fixture
 def empty_pg_url(pg_template: str | None) -> Iterator[str]:
     """A fresh PostgreSQL database with no tables at all."""
-    if pg_template is None:
-        pytest.skip("PostgreSQL not reachable (set TIDEBASE_TEST_REQUIRE_PG=1 to require it)")
-    name = f"tidebase_e_{uuid.uuid4().hex[:12]}"
-    pg_admin(f'CREATE DATABASE "{name}"')
-    yield _pg_url(name)
-    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _temporary_pg_database(pg_template, migrated=False)
 
 
 def run_child(
