@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from agentkit_common import log_line
+from agentkit_common import read_lines as read_lines
 from pydantic import BaseModel
 
 from tidebase_agents import RunLocked, Tidebase, TidebaseError
@@ -57,20 +59,6 @@ class Color(enum.Enum):
 
 
 # -- small shared helpers ----------------------------------------------------------------------
-
-
-def log_line(path: str | Path, line: str) -> None:
-    """Append one line to ``path`` (durable against os._exit / SIGKILL right after)."""
-    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-
-
-def read_lines(path: str | Path) -> list[str]:
-    p = Path(path)
-    return p.read_text().splitlines() if p.exists() else []
 
 
 def wait_file_sync(path: str | Path, timeout: float = 60.0) -> None:

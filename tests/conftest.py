@@ -122,6 +122,27 @@ def empty_pg_url(pg_template: str | None) -> Iterator[str]:
     yield from _temporary_pg_database(pg_template, migrated=False)
 
 
+@pytest.fixture
+def calls_table(pg_url: str) -> Iterator[str]:
+    """A PostgreSQL database with the ``wk_calls`` table the worker test app records its
+    external calls in (see ``wk_app``)."""
+
+    async def create() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "CREATE TABLE wk_calls (id serial PRIMARY KEY, kind text, run_id text, "
+                "key text, pid int)"
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield pg_url
+
+
 def run_child(
     code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

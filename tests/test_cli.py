@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from typer.testing import CliRunner
-from wk_support import asyncpg_url, cli, cli_many, start_worker, stop_process, wait_for
+from wk_support import cli, cli_many, start_worker, stop_process, wait_for
 
 from tidebase_agents import Run, Tidebase, checkpointed_pipeline, current_run
 from tidebase_agents._cli import app
@@ -199,22 +198,6 @@ async def test_steps_review(pg_url: str, tide: Tidebase) -> None:
     run = await store.get_run(queued)
     assert (run.status, run.scheduled_at is not None) == ("queued", True)
     assert (await store.get_run("parked-fail")).error["message"] == "failed by operator review"
-
-
-@pytest.fixture
-def calls_table(pg_url: str) -> str:
-    async def create() -> None:
-        conn = await asyncpg.connect(asyncpg_url(pg_url))
-        try:
-            await conn.execute(
-                "CREATE TABLE wk_calls (id serial PRIMARY KEY, kind text, run_id text, "
-                "key text, pid int)"
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return pg_url
 
 
 def order_input(n: int) -> tuple[dict[str, Any], str]:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -245,22 +245,6 @@ async def test_listen_notify_wakes_an_idle_worker(pg_url: str) -> None:
 def order_input(n: int) -> tuple[dict[str, Any], str]:
     data = {"args": [n], "kwargs": {}}
     return data, sha256_hex(data)
-
-
-@pytest.fixture
-def calls_table(pg_url: str) -> Iterator[str]:
-    async def create() -> None:
-        conn = await asyncpg.connect(asyncpg_url(pg_url))
-        try:
-            await conn.execute(
-                "CREATE TABLE wk_calls (id serial PRIMARY KEY, kind text, run_id text, "
-                "key text, pid int)"
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    yield pg_url
 
 
 async def external_calls(url: str) -> list[asyncpg.Record]:
