@@ -149,7 +149,7 @@ async def usage_report(
         q = q.where(UsageRow.run_id == run_id)
     if since:
         q = q.where(UsageRow.created_at >= since)
-    async with store.engine.connect() as conn:
+    async with store.connect() as conn:
         rows = [r._mapping for r in await conn.execute(q)]
 
     out: dict[tuple[Any, ...], dict[str, Any]] = {}

@@ -294,7 +294,7 @@ async def next_due(
     store: Store, *, queues: Sequence[str], pipelines: Sequence[str]
 ) -> dt.datetime | None:
     """When the earliest queued run of these queues and pipelines becomes due."""
-    async with store.engine.connect() as conn:
+    async with store.connect() as conn:
         value = (
             await conn.execute(
                 select(func.min(RunRow.scheduled_at)).where(*_waiting(utcnow(), queues, pipelines))

@@ -161,6 +161,7 @@ class Run:
         #: When the database last confirmed this executor's lease (acquire, a fenced write).
         self._confirmed_at = time.monotonic()
         self._pending: set[asyncio.Task[Any]] = set()
+        self._ended = asyncio.Event()
         self._outcome: str | None = None
         self.executed: list[str] = []
         self.replayed: list[str] = []
@@ -609,9 +610,17 @@ class Run:
                 return
 
     async def _heartbeat(self) -> None:
+        """Renew the lease every third of its length until the execution ends.
+
+        It is stopped through ``_ended``, never cancelled: a database call cancelled midway
+        makes the driver tear its connection down, and aiosqlite's teardown can then wait
+        forever on its already stopped thread, hanging the process's ``asyncio.run``.
+        """
         seconds = self._tide.lease_seconds
         while True:
-            await asyncio.sleep(seconds / 3)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), seconds / 3)
+                return
             try:
                 await self._store.heartbeat(self._lease, seconds)
             except (LeaseLost, RunCancelled) as exc:
@@ -811,7 +820,9 @@ class Tidebase:
                 raise
             return result
         finally:
-            heartbeat.cancel()
+            run._ended.set()
+            # asyncio.wait, unlike awaiting the task, leaves it running if we are cancelled.
+            await asyncio.wait([heartbeat])
             _scope.reset(scope_token)
             _run.reset(run_token)
 

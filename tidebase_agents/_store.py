@@ -10,12 +10,12 @@ out the event sequence numbers, so the event log is gap-free under concurrent wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import weakref
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ from ._models import SCHEMA_REVISION, VERSION_TABLE, EventRow, RunRow, StateRow,
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 TERMINAL_RUN_STATUSES = ("completed", "failed", "cancelled")
+#: How long closing a store waits for operations still in flight (seconds).
+CLOSE_GRACE = 30.0
 
 
 def utcnow() -> dt.datetime:
@@ -177,6 +179,9 @@ class Store:
         self._writers = pg.WriterPool(_driver_dsn(url)) if self._pg else None
         #: Statements sent to the database by this store, for round-trip accounting.
         self.statements = 0
+        self._closed = False
+        self._busy = 0  # operations holding a connection
+        self._drained: asyncio.Event | None = None
         event.listen(self.engine.sync_engine, "before_cursor_execute", self._count)
 
     def _count(self, *_args: Any) -> None:
@@ -247,7 +252,7 @@ class Store:
     async def schema_revision(self) -> str | None:
         """The tidebase Alembic revision of the database, or None if it has none."""
         try:
-            async with self.engine.connect() as conn:
+            async with self.connect() as conn:
                 return await conn.run_sync(_read_revision)
         except (OSError, DBAPIError) as exc:
             raise self._unavailable(exc) from None
@@ -259,7 +264,7 @@ class Store:
     async def migrate(self, revision: str = "head") -> None:
         """Run the packaged Alembic migrations up to ``revision``."""
         try:
-            async with self.engine.connect() as conn:
+            async with self.connect() as conn:
                 await conn.run_sync(_run_alembic, "upgrade", revision)
                 await conn.commit()
         except (OSError, DBAPIError) as exc:
@@ -268,20 +273,60 @@ class Store:
             raise self._unavailable(exc) from None
 
     async def downgrade(self, revision: str = "base") -> None:
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             await conn.run_sync(_run_alembic, "downgrade", revision)
             await conn.commit()
 
     async def close(self) -> None:
+        """Let operations in flight finish, then release every connection.
+
+        Operations are waited for, not interrupted: a database call cancelled midway makes the
+        driver tear its connection down, and aiosqlite's teardown can then wait forever,
+        hanging the process's ``asyncio.run``. Later calls on this store raise
+        ``DatabaseUnavailable``; :func:`get_store` hands out a new one.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for per_loop in _stores.values():
+            if per_loop.get(self.url) is self:
+                del per_loop[self.url]
+        if self._busy:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), CLOSE_GRACE)
         if self._writers is not None:
             await self._writers.close()
         await self.engine.dispose()
 
-    @asynccontextmanager
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        if self._closed:
+            raise DatabaseUnavailable(
+                f"the store for {redact(self.url)} was closed (Tidebase.close()); "
+                "work still running after it cannot checkpoint"
+            )
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy and self._drained is not None:
+                self._drained.set()
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection, for reads and for work outside a single transaction."""
+        with self._in_use():
+            async with self.engine.connect() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncConnection]:
         try:
-            async with self.engine.begin() as conn:
-                yield conn
+            with self._in_use():
+                async with self.engine.begin() as conn:
+                    yield conn
         except OperationalError as exc:
             if _is_connect_error(exc):
                 raise self._unavailable(exc) from None
@@ -500,7 +545,7 @@ class Store:
 
     async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
         """Every checkpoint of a run, in one query."""
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             rows = await conn.execute(
                 select(*_STEP_COLS).where(StepRow.run_id == run_id).order_by(StepRow.id)
             )
@@ -606,8 +651,9 @@ class Store:
         assert self._writers is not None
         self.statements += 1
         try:
-            async with self._writers.connection() as conn:
-                return await conn.fetchrow(sql, *params)
+            with self._in_use():
+                async with self._writers.connection() as conn:
+                    return await conn.fetchrow(sql, *params)
         except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
             raise self._unavailable(exc) from None
 
@@ -615,7 +661,7 @@ class Store:
         """Run one of the single-statement fenced writes of :mod:`._store_pg`."""
         seq = await self._pg_fetchval(sql, lease.run_id, lease.token, *params)
         if seq is None:
-            async with self.engine.connect() as conn:
+            async with self.connect() as conn:
                 await self._raise_fence_error(conn, lease)
         return int(seq)
 
@@ -705,7 +751,7 @@ class Store:
             row = await self._pg_fetch(sql, lease.run_id)
             status, token = (row["status"], row["lease_token"]) if row else (None, None)
         else:
-            async with self.engine.connect() as conn:
+            async with self.connect() as conn:
                 found = (
                     await conn.execute(
                         select(RunRow.status, RunRow.lease_token).where(
@@ -807,7 +853,7 @@ class Store:
     # -- reads -----------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord:
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             row = (await conn.execute(select(*_RUN_COLS).where(RunRow.run_id == run_id))).first()
         if row is None:
             raise RunNotFound(run_id)
@@ -832,11 +878,11 @@ class Store:
             q = q.where(RunRow.queue == queue)
         if since:
             q = q.where(RunRow.created_at >= since)
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             return [_record(RunRecord, r) for r in await conn.execute(q)]
 
     async def get_events(self, run_id: str) -> list[EventRecord]:
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             rows = await conn.execute(
                 select(
                     EventRow.run_id,
@@ -853,7 +899,7 @@ class Store:
 
     async def get_state(self, run_id: str) -> list[tuple[int, Any]]:
         """Every state version of a run, oldest first."""
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             rows = await conn.execute(
                 select(StateRow.version, StateRow.value)
                 .where(StateRow.run_id == run_id)
@@ -862,7 +908,7 @@ class Store:
             return [(r.version, r.value) for r in rows]
 
     async def get_usage(self, run_id: str) -> list[Usage]:
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             rows = await conn.execute(
                 select(UsageRow).where(UsageRow.run_id == run_id).order_by(UsageRow.id)
             )

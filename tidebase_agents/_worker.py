@@ -163,9 +163,10 @@ class Worker:
         await store.open()
         served = self.served_pipelines()
         lease = self.lease_seconds or max(p.tide.lease_seconds for p in served.values())
-        background = [asyncio.create_task(self._reconcile_loop(store, lease))]
+        reconciler = asyncio.create_task(self._reconcile_loop(store, lease))
+        listener = None
         if self.listen and store.dialect == "postgresql":
-            background.append(asyncio.create_task(self._listen(store)))
+            listener = asyncio.create_task(self._listen(store))
         log.info(
             "worker %s: pipelines %s, queues %s, concurrency %d",
             self.owner,
@@ -187,9 +188,11 @@ class Worker:
         finally:
             self._stopping.set()
             await self._shutdown()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            if listener is not None:
+                listener.cancel()  # a bare asyncpg connection, terminated in its finally
+            # The reconciler ends after its current pass: cancelling a pass midway could
+            # strand its pooled connection in a half-closed state.
+            await asyncio.wait([t for t in (reconciler, listener) if t is not None])
             log.info("worker %s stopped", self.owner)
 
     async def _fill(
@@ -277,7 +280,7 @@ class Worker:
 
     async def _reconcile_loop(self, store: Store, lease: float) -> None:
         interval = self.reconcile_interval or max(lease / 2, 0.5)
-        while True:
+        while not self._stopping.is_set():
             try:
                 report = await reconcile(store, self.backoff, orphan_grace=lease)
             except Exception as exc:
@@ -292,7 +295,8 @@ class Worker:
                     )
                     self._wake.set()
             # Jitter keeps workers started together from contending in lockstep.
-            await asyncio.sleep(interval * (0.5 + random.random()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval * (0.5 + random.random()))
 
     async def _listen(self, store: Store) -> None:
         import asyncpg
