@@ -434,6 +434,37 @@ async def derived_key(url: str, run_id: str, step: str) -> dict[str, Any]:
         await tide.close()
 
 
+async def close_under_load(url: str, iterations: int) -> dict[str, Any]:
+    """Each iteration, in an event loop of its own, runs a pipeline of 60 concurrent steps
+    under a lease so short that heartbeats contend with step writes and the run often ends
+    with writes still in flight, then closes the Tidebase and lets ``asyncio.run`` end."""
+
+    async def one(i: int) -> str:
+        tide = Tidebase(url, lease_seconds=0.1)
+
+        async def body(run: Any, inp: Any) -> int:
+            async def work(k: int) -> int:
+                await asyncio.sleep(0.02)
+                return k
+
+            return sum(
+                await asyncio.gather(*(run.step(f"s{k}", lambda k=k: work(k)) for k in range(60)))
+            )
+
+        try:
+            await tide.run("loaded", body, run_id=f"r{i}")
+            return "ok"
+        except TidebaseError as exc:
+            return type(exc).__name__
+        finally:
+            await tide.close()
+
+    def loops() -> list[str]:
+        return [asyncio.run(one(i)) for i in range(iterations)]
+
+    return {"outcomes": await asyncio.to_thread(loops)}
+
+
 SCENARIOS: dict[str, Callable[..., Awaitable[Any]]] = {
     "crash_between": crash_between,
     "crash_effect": crash_effect,
@@ -443,6 +474,7 @@ SCENARIOS: dict[str, Callable[..., Awaitable[Any]]] = {
     "event_writer": event_writer,
     "shared_executor": shared_executor,
     "derived_key": derived_key,
+    "close_under_load": close_under_load,
 }
 
 

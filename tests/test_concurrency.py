@@ -171,6 +171,29 @@ async def test_r6_expired_lease_is_taken_over_and_the_zombie_cannot_write(
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
+async def test_r6_runs_ending_with_writes_in_flight_let_the_process_exit(db_url: str) -> None:
+    """R6: runs that lose their lease while sibling steps and the heartbeat are mid-write, each
+    followed by Tidebase.close() and the end of asyncio.run, neither hang the process nor lose
+    what was committed: a fresh executor resumes every run to its full result."""
+    iterations = 40
+    proc = await start("close_under_load", url=db_url, iterations=iterations)
+    report = (await finish(proc, timeout=180)).report
+    assert report["outcome"] == "ok"
+    assert len(report["outcomes"]) == iterations
+    assert set(report["outcomes"]) <= {"ok", "LeaseLost"}
+
+    async def body(run: Any, inp: Any) -> int:
+        return sum(await asyncio.gather(*(run.step(f"s{k}", lambda k=k: k) for k in range(60))))
+
+    tide = Tidebase(db_url)
+    try:
+        for i in range(iterations):
+            result = await retry_locked(lambda i=i: tide.run("loaded", body, run_id=f"r{i}"))
+            assert result == sum(range(60))
+    finally:
+        await tide.close()
+
+
 # -- R11 -----------------------------------------------------------------------------------------
 
 
