@@ -5,13 +5,16 @@ R13 for bad run ids and unreachable or unmigrated databases."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from child_support import retry_locked
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -376,3 +379,91 @@ def test_unsupported_database_url_raises_configuration_error(url: str) -> None:
     """A URL of another database (or no URL at all) is a ConfigurationError."""
     with pytest.raises(ConfigurationError):
         asyncio.run(run_pipeline(url))
+
+
+# -- closing a Tidebase with work in flight ------------------------------------------------------
+
+
+async def test_r13_closing_mid_run_keeps_what_was_committed_and_stops_leftover_work(
+    db_url: str,
+) -> None:
+    """R13: a Tidebase closed while one of its runs waits between steps keeps that run's
+    committed step; the leftover execution can no longer checkpoint (DatabaseUnavailable, no
+    write through released connections); the same Tidebase serves new calls, and the run
+    resumes once its lease expires, replaying the committed step instead of re-running it."""
+    tide = Tidebase(db_url, lease_seconds=1)
+    calls: collections.Counter[str] = collections.Counter()
+    inside, gate = asyncio.Event(), asyncio.Event()
+
+    def counted(name: str) -> Any:
+        def fn() -> str:
+            calls[name] += 1
+            return name
+
+        return fn
+
+    async def body(run: Any, inp: Any) -> list[str]:
+        first = await run.step("one", counted("one"))
+        inside.set()
+        await gate.wait()
+        return [first, await run.step("two", counted("two"))]
+
+    task = asyncio.create_task(tide.run("closing", body, run_id="c"))
+    await asyncio.wait_for(inside.wait(), 30)
+    await tide.close()
+    gate.set()
+    with pytest.raises(DatabaseUnavailable, match="closed"):
+        await task
+    try:
+        steps = {s.name: s.status for s in await tide.steps("c")}
+        assert steps == {"one": "completed"}
+        result = await retry_locked(lambda: tide.run("closing", body, run_id="c"))
+        assert result == ["one", "two"]
+        assert calls["one"] == 1, "the committed step ran again"
+    finally:
+        await tide.close()
+
+
+async def test_close_waits_for_a_checkpoint_write_in_flight(pg_url: str) -> None:
+    """close() does not abandon a checkpoint write midway: held up by a row lock, the write
+    keeps close() waiting, then commits; only the run's later work finds the store closed."""
+    tide = Tidebase(pg_url)
+    inside, gate = asyncio.Event(), asyncio.Event()
+
+    async def body(run: Any, inp: Any) -> str:
+        inside.set()
+        await gate.wait()
+        return str(await run.step("s", lambda: "v"))
+
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        task = asyncio.create_task(tide.run("inflight", body, run_id="w"))
+        await asyncio.wait_for(inside.wait(), 30)
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("SELECT 1 FROM tidebase_runs WHERE run_id = 'w' FOR UPDATE")
+        gate.set()
+        for _ in range(3000):  # until the step's write waits on the lock
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting, "the step's write never reached the lock"
+        closing = asyncio.create_task(tide.close())
+        await asyncio.sleep(0.2)
+        assert not closing.done(), "close() returned while a checkpoint write was in flight"
+        await lock.rollback()
+        await asyncio.wait_for(closing, 30)
+        with pytest.raises(DatabaseUnavailable, match="closed"):
+            await task
+    finally:
+        await blocker.close()
+    other = Tidebase(pg_url)
+    try:
+        steps = {s.name: (s.status, s.output) for s in await other.steps("w")}
+        assert steps == {"s": ("completed", "v")}
+    finally:
+        await other.close()
