@@ -1,7 +1,7 @@
 """Every assumption the harness makes about tidebase-agents' API, in one place.
 
 If the library's API moves, adapt the small functions here; the configurations call nothing else
-of the library. Assumed (from shared/CONTRACT.md plus the benchmark brief):
+of the library. The API it relies on:
 
 - ``from tidebase_agents import checkpointed_pipeline, durable_tool, Tidebase, RunLocked``
 - ``@checkpointed_pipeline(name, database_url=URL)`` on an async function; each plain call

@@ -1,4 +1,4 @@
-"""The research pipeline of the issue: a researcher agent that calls a side-effecting durable tool
+"""The research pipeline of the cookbook: a researcher agent that calls a side-effecting durable tool
 (``create_ticket``), then a writer agent. Built fresh per process (or per test) by :func:`build`,
 so every build has its own scripted models whose ``.calls`` count this process's model calls.
 
