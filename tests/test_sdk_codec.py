@@ -690,6 +690,20 @@ async def test_encode_names_the_agent_when_the_sdk_cannot_serialize_the_run() ->
         _sdk.encode_result(result)
 
 
+async def test_checkpoint_state_is_the_sdks_own_and_leaves_the_live_result_untouched() -> None:
+    """A checkpoint's state is exactly the SDK's ``result.to_state()`` JSON with the user's context
+    left out, though it skips the SDK's defensive copies; encoding leaves the live result's
+    context, usage and methods as they were."""
+    result = await run_weather()
+    usage = serialize_usage(result.context_wrapper.usage)
+    expected = _sdk._blanked_state_json(result.to_state())
+    assert _sdk.encode_result(result)["state"] == expected
+    assert result.context_wrapper.context == AppContext("u1")
+    assert serialize_usage(result.context_wrapper.usage) == usage
+    assert "_copy_for_run_state" not in vars(result.context_wrapper)
+    assert _sdk._blanked_state_json(result.to_state()) == expected
+
+
 async def run_weather() -> Any:
     triage, _ = weather_graph(ScriptedModel(weather_script()))
     return await Runner.run(triage, "forecast Rome", context=AppContext("u1"))
