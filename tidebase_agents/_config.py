@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def resolve_database_url(url: str | None = None) -> str:
     raw = url or os.environ.get(ENV_URL) or ""
     if not raw:
         return f"sqlite+aiosqlite:///{Path.cwd() / DEFAULT_SQLITE_FILE}"
+    return _normalized(raw)
+
+
+@functools.lru_cache(maxsize=64)
+def _normalized(raw: str) -> str:
+    # Every run resolves its URL; parsing it each time was measurable on the hot path.
     try:
         parsed = make_url(raw)
     except ArgumentError as exc:
