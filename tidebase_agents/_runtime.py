@@ -161,7 +161,8 @@ class Run:
         #: When the database last confirmed this executor's lease (acquire, a fenced write).
         self._confirmed_at = time.monotonic()
         self._pending: set[asyncio.Task[Any]] = set()
-        self._ended = asyncio.Event()
+        self._ended = False
+        self._renewing = False
         self._outcome: str | None = None
         self.executed: list[str] = []
         self.replayed: list[str] = []
@@ -610,17 +611,11 @@ class Run:
                 return
 
     async def _heartbeat(self) -> None:
-        """Renew the lease every third of its length until the execution ends.
-
-        It is stopped through ``_ended``, never cancelled: a database call cancelled midway
-        makes the driver tear its connection down, and aiosqlite's teardown can then wait
-        forever on its already stopped thread, hanging the process's ``asyncio.run``.
-        """
+        """Renew the lease every third of its length until ``_stop_heartbeat``."""
         seconds = self._tide.lease_seconds
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ended.wait(), seconds / 3)
-                return
+        while not self._ended:
+            await asyncio.sleep(seconds / 3)
+            self._renewing = True
             try:
                 await self._store.heartbeat(self._lease, seconds)
             except (LeaseLost, RunCancelled) as exc:
@@ -630,6 +625,22 @@ class Run:
                 log.warning("heartbeat for run %s failed: %s", self.run_id, exc)
             else:
                 self._lease_deadline = time.monotonic() + seconds
+            finally:
+                self._renewing = False
+
+    async def _stop_heartbeat(self, heartbeat: asyncio.Task[None]) -> None:
+        """Cancel the heartbeat while it sleeps; while it renews, let the renewal finish.
+
+        A database call cancelled midway makes the driver tear its connection down, and
+        aiosqlite's teardown can then wait forever on its already stopped thread, hanging the
+        process's ``asyncio.run``.
+        """
+        self._ended = True
+        if self._renewing:
+            # asyncio.wait, unlike awaiting the task, leaves it running if we are cancelled.
+            await asyncio.wait([heartbeat])
+        else:
+            heartbeat.cancel()
 
     async def _settle(self, exc: BaseException) -> None:
         """Record how the execution ended and release the lease."""
@@ -820,9 +831,7 @@ class Tidebase:
                 raise
             return result
         finally:
-            run._ended.set()
-            # asyncio.wait, unlike awaiting the task, leaves it running if we are cancelled.
-            await asyncio.wait([heartbeat])
+            await run._stop_heartbeat(heartbeat)
             _scope.reset(scope_token)
             _run.reset(run_token)
 
