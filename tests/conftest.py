@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -22,35 +21,13 @@ os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
 os.environ.pop("OPENAI_API_KEY", None)
 os.environ.pop("TIDEBASE_DATABASE_URL", None)
 
+# Helpers (and the modules child processes import) live in tests/support.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+
 from agents import set_tracing_disabled
+from harness import REQUIRE_PG, pg_admin, pg_url_of
 
 set_tracing_disabled(True)
-
-PG_ADMIN_URL = os.environ.get(
-    "TIDEBASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-REQUIRE_PG = os.environ.get("TIDEBASE_TEST_REQUIRE_PG") == "1"
-TESTS_DIR = Path(__file__).parent
-
-
-def _pg_url(database: str) -> str:
-    base, _, _ = PG_ADMIN_URL.rpartition("/")
-    return f"{base}/{database}"
-
-
-async def _pg_admin(*statements: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_URL.replace("postgresql+asyncpg", "postgresql"))
-    try:
-        for sql in statements:
-            await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-def pg_admin(*statements: str) -> None:
-    asyncio.run(_pg_admin(*statements))
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +45,12 @@ def pg_template() -> Iterator[str | None]:
     name = f"tidebase_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     pg_admin(f'CREATE DATABASE "{name}"')
 
-    from tidebase_agents._store import Store
+    from tidebase_agents import Tidebase
 
     async def migrate() -> None:
-        store = Store(_pg_url(name).replace("postgresql://", "postgresql+asyncpg://"))
-        await store.migrate()
-        await store.close()
+        tide = Tidebase(pg_url_of(name))
+        await tide.migrate()
+        await tide.close()
 
     asyncio.run(migrate())
     yield name
@@ -95,7 +72,7 @@ def _temporary_pg_database(pg_template: str | None, *, migrated: bool) -> Iterat
     else:
         name = f"tidebase_e_{uuid.uuid4().hex[:12]}"
         pg_admin(f'CREATE DATABASE "{name}"')
-    yield _pg_url(name)
+    yield pg_url_of(name)
     pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -141,17 +118,3 @@ def calls_table(pg_url: str) -> Iterator[str]:
 
     asyncio.run(create())
     yield pg_url
-
-
-def run_child(
-    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run Python ``code`` in a fresh interpreter (a real child process) and wait for it."""
-    full_env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

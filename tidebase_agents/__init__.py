@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
-from ._context import NotInRun, current_run, idempotency_key
+from ._engine import NotInRun, Run, current_run, idempotency_key
 from ._errors import (
     CheckpointSerializationError,
     ConfigurationError,
@@ -18,19 +18,23 @@ from ._errors import (
     StepFailed,
     StepInputMismatch,
     StepNeedsReview,
+    StepNotReviewable,
     TidebaseError,
 )
 from ._pipeline import CheckpointedPipeline, checkpointed_pipeline
-from ._runtime import AsyncTidebase, Run, Tidebase
+from ._store import EventRecord, RunRecord, StateVersion, StepRecord, UsageRecord
+from ._tidebase import AsyncTidebase, Tidebase
+from ._vocab import ReplayPolicy, ReviewAction, RunStatus, StepStatus
+from ._worker import WorkerOptions, run_worker
 
 if TYPE_CHECKING:
-    from ._tools import durable_tool
+    from ._sdk.tools import durable_tool
 
 
 def __getattr__(name: str) -> Any:
     # The Agents SDK loads on first use of durable_tool, so the CLI and workers start fast.
     if name == "durable_tool":
-        from ._tools import durable_tool
+        from ._sdk.tools import durable_tool
 
         return durable_tool
     raise AttributeError(f"module 'tidebase_agents' has no attribute {name!r}")
@@ -42,23 +46,35 @@ __all__ = [
     "CheckpointedPipeline",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "EventRecord",
     "LeaseLost",
     "NotInRun",
     "PayloadTooLarge",
+    "ReplayPolicy",
+    "ReviewAction",
     "Run",
     "RunCancelled",
     "RunConflict",
     "RunFailed",
     "RunLocked",
     "RunNotFound",
+    "RunRecord",
+    "RunStatus",
     "SchemaNotMigrated",
+    "StateVersion",
     "StepFailed",
     "StepInputMismatch",
     "StepNeedsReview",
+    "StepNotReviewable",
+    "StepRecord",
+    "StepStatus",
     "Tidebase",
     "TidebaseError",
+    "UsageRecord",
+    "WorkerOptions",
     "checkpointed_pipeline",
     "current_run",
     "durable_tool",
     "idempotency_key",
+    "run_worker",
 ]

@@ -25,34 +25,26 @@ from rich.table import Table
 from . import _codec
 from ._config import ENV_URL, redact, resolve_database_url
 from ._errors import DatabaseUnavailable, SchemaNotMigrated, TidebaseError
-from ._pricing import load_prices, parse_group_by, price_for, usage_report
-from ._queue import DEFAULT_QUEUE, requeue
-from ._store import EventRecord, RunRecord, StepRecord, Store, close_stores, get_store
+from ._pricing import load_prices, parse_group_by, record_cost
+from ._store import DEFAULT_QUEUE, EventRecord, RunRecord, StepRecord, close_stores
+from ._tidebase import Tidebase
+from ._vocab import EventKind, ReviewAction, RunStatus, StepStatus
 
 T = TypeVar("T")
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 EXIT_NOT_MIGRATED = 3
 EXIT_UNREACHABLE = 4
 
-RUN_STATUSES = (
-    "queued",
-    "running",
-    "completed",
-    "failed",
-    "failed_retryable",
-    "manual_review",
-    "cancelled",
-)
-_STATUS_STYLE = {
-    "completed": "green",
-    "running": "cyan",
-    "queued": "blue",
-    "failed": "red",
-    "failed_retryable": "yellow",
-    "manual_review": "magenta",
-    "cancelled": "dim",
+RUN_STATUSES = tuple(str(s) for s in RunStatus)
+_STATUS_STYLE: dict[str, str] = {
+    RunStatus.COMPLETED: "green",
+    RunStatus.RUNNING: "cyan",
+    RunStatus.QUEUED: "blue",
+    RunStatus.FAILED: "red",
+    RunStatus.FAILED_RETRYABLE: "yellow",
+    RunStatus.MANUAL_REVIEW: "magenta",
+    RunStatus.CANCELLED: "dim",
 }
 
 app = typer.Typer(
@@ -104,12 +96,6 @@ def _call(fn: Callable[[], Awaitable[T]]) -> T:
         _fail(str(exc), EXIT_UNREACHABLE)
     except (TidebaseError, OSError) as exc:
         _fail(str(exc))
-
-
-async def _open(url: str | None) -> Store:
-    store = get_store(url)
-    await store.open()
-    return store
 
 
 def _json(value: Any) -> None:
@@ -202,14 +188,8 @@ def migrate(ctx: typer.Context, database_url: DatabaseUrl = None) -> None:
     """Create or upgrade the tidebase tables (PostgreSQL is never migrated implicitly)."""
     url = database_url or _url(ctx)
 
-    async def go() -> tuple[str, str | None]:
-        store = get_store(url)
-        before = await store.schema_revision()
-        await store.migrate()
-        return before or "empty", await store.schema_revision()
-
-    before, after = _call(go)
-    typer.echo(f"migrated {redact(resolve_database_url(url))}: {before} -> {after}")
+    before, after = _call(lambda: Tidebase(url).migrate())
+    typer.echo(f"migrated {redact(resolve_database_url(url))}: {before or 'empty'} -> {after}")
 
 
 # -- runs ----------------------------------------------------------------------------------
@@ -241,13 +221,15 @@ def runs_list(
     created_since = _since(since)
     url = _url(ctx)
 
-    async def go() -> list[RunRecord]:
-        store = await _open(url)
-        return await store.list_runs(
-            status=status, pipeline=pipeline, queue=queue, since=created_since, limit=limit
+    runs = _call(
+        lambda: Tidebase(url).list_runs(
+            status=status or (),
+            pipeline=pipeline or (),
+            queue=queue or (),
+            since=created_since,
+            limit=limit,
         )
-
-    runs = _call(go)
+    )
     if as_json:
         _json([_run_dict(r) for r in runs])
         return
@@ -269,15 +251,23 @@ def runs_list(
     out.print(table)
 
 
+_ACQUISITIONS = (
+    EventKind.RUN_STARTED,
+    EventKind.RUN_RESUMED,
+    EventKind.LEASE_TAKEN_OVER,
+    EventKind.RUN_CLAIMED,
+)
+
+
 def _attempt_of_tokens(events: list[EventRecord]) -> dict[int, int]:
     """Map lease tokens to attempt numbers from the events of each acquisition."""
     attempts: dict[int, int] = {}
     n = 0
     for e in events:
-        if e.kind in ("run_started", "run_resumed", "lease_taken_over", "run_claimed"):
+        if e.kind in _ACQUISITIONS:
             n += 1
             data = e.data if isinstance(e.data, dict) else {}
-            attempts[int(data.get("token", 1 if e.kind == "run_started" else n))] = n
+            attempts[int(data.get("token", 1 if e.kind == EventKind.RUN_STARTED else n))] = n
     return attempts
 
 
@@ -288,7 +278,7 @@ def _timeline(
     rows = []
     for s in steps:
         attempt = by_token.get(s.lease_token, s.lease_token)
-        replays = max(run.attempts - attempt, 0) if s.status == "completed" else 0
+        replays = max(run.attempts - attempt, 0) if s.status == StepStatus.COMPLETED else 0
         rows.append(
             {
                 "step": s.name,
@@ -324,20 +314,20 @@ def runs_show(
     table_prices = _prices(prices)
 
     async def go() -> tuple[RunRecord, list[StepRecord], list[EventRecord], list[Any]]:
-        store = await _open(url)
-        run = await store.get_run(run_id)
-        steps = list((await store.load_steps(run_id)).values())
-        return run, steps, await store.get_events(run_id), await store.get_usage(run_id)
+        tide = Tidebase(url)
+        run = await tide.get_run(run_id)
+        return (
+            run,
+            await tide.steps(run_id),
+            await tide.events(run_id),
+            await tide.usage_records(run_id),
+        )
 
     run, steps, events, usage = _call(go)
     timeline = _timeline(run, steps, events)
-    usage_rows = []
-    for u in usage:
-        price = price_for(u.model, table_prices)
-        cost = u.cost_usd
-        if cost is None and price is not None:
-            cost = price.cost(u.input_tokens, u.output_tokens, u.cached_tokens)
-        usage_rows.append({**dataclasses.asdict(u), "cost_usd": cost})
+    usage_rows = [
+        {**dataclasses.asdict(u), "cost_usd": record_cost(u, table_prices)} for u in usage
+    ]
     total_cost = (
         round(sum(u["cost_usd"] for u in usage_rows), 6)
         if all(u["cost_usd"] is not None for u in usage_rows)
@@ -437,11 +427,7 @@ def runs_resume(
         raise typer.BadParameter("give exactly one of --app module:attr or --enqueue")
     url = _url(ctx)
     if enqueue:
-
-        async def requeue_run() -> str:
-            return await requeue(await _open(url), run_id, queue=queue)
-
-        status = _call(requeue_run)
+        status = _call(lambda: Tidebase(url).requeue(run_id, queue=queue))
         typer.echo(f"run {run_id}: {status}")
         return
 
@@ -453,7 +439,7 @@ def runs_resume(
 
     async def resume() -> Any:
         load_app(app_spec)
-        run = await (await _open(url)).get_run(run_id)
+        run = await Tidebase(url).get_run(run_id)
         return await get_pipeline(run.pipeline).resume(run_id)
 
     result = _call(resume)
@@ -470,17 +456,17 @@ def runs_cancel(
     """Cancel a run; a running executor stops at its next step boundary. One-way."""
     url = _url(ctx)
 
-    async def go() -> tuple[str, str]:
-        store = await _open(url)
-        before = (await store.get_run(run_id)).status
-        return before, await store.cancel(run_id, reason)
+    async def go() -> tuple[RunStatus, RunStatus]:
+        tide = Tidebase(url)
+        before = (await tide.get_run(run_id)).status
+        return before, await tide.cancel(run_id, reason)
 
     before, after = _call(go)
-    if after != "cancelled":
+    if after != RunStatus.CANCELLED:
         _fail(f"run {run_id} has already ended ({after}); it was not cancelled")
     typer.echo(
         f"run {run_id}: already cancelled"
-        if before == "cancelled"
+        if before == RunStatus.CANCELLED
         else f"run {run_id}: cancelled (was {before})"
     )
 
@@ -508,21 +494,21 @@ def steps_review(
     """Resolve a step parked in manual review: --retry, --output JSON or --fail."""
     if retry + (output is not None) + fail != 1:
         raise typer.BadParameter("give exactly one of --retry, --output JSON, --fail")
-    action = "retry" if retry else "fail" if fail else "output"
+    action = ReviewAction.RETRY if retry else ReviewAction.FAIL if fail else ReviewAction.OUTPUT
     value: Any = None
     if output is not None:
         try:
-            value = _codec.encode(json.loads(output), what="reviewed output")
+            value = json.loads(output)
         except ValueError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--output") from None
     url = _url(ctx)
 
-    async def go() -> tuple[StepRecord, str]:
-        store = await _open(url)
-        record = await store.review_step(run_id, step, action, value)
-        run = await store.get_run(run_id)
-        if action != "fail" and run.queue is not None and not no_enqueue:
-            return record, await requeue(store, run_id)
+    async def go() -> tuple[StepRecord, RunStatus]:
+        tide = Tidebase(url)
+        record = await tide.review_step(run_id, step, action, value)
+        run = await tide.get_run(run_id)
+        if action != ReviewAction.FAIL and run.queue is not None and not no_enqueue:
+            return record, await tide.requeue(run_id)
         return record, run.status
 
     record, run_status = _call(go)
@@ -564,17 +550,14 @@ def usage(
         keys = parse_group_by(by)
     except TidebaseError as exc:
         raise typer.BadParameter(str(exc), param_hint="--by") from None
-    table_prices = _prices(prices)
+    _prices(prices)  # a bad price file is a usage error, reported before any database work
     recorded_since = _since(since)
     url = _url(ctx)
-
-    async def go() -> list[dict[str, Any]]:
-        store = await _open(url)
-        return await usage_report(
-            store, keys, table_prices, pipeline=pipeline, run_id=run_id, since=recorded_since
+    report = _call(
+        lambda: Tidebase(url).usage(
+            keys, pipeline=pipeline, run_id=run_id, since=recorded_since, prices=prices
         )
-
-    report = _call(go)
+    )
     if as_json:
         _json(report)
         return
@@ -655,7 +638,7 @@ def worker(
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Claim and execute queued runs until SIGTERM (graceful) or a second signal (immediate)."""
-    from ._worker import run_worker
+    from ._worker import WorkerOptions, run_worker
 
     logging.basicConfig(
         level=log_level.upper(),
@@ -665,10 +648,8 @@ def worker(
     url = _url(ctx)
     _use_database(url)
 
-    async def go() -> None:
-        await run_worker(
-            app_spec,
-            database_url=url,
+    def serve() -> Awaitable[None]:
+        options = WorkerOptions(
             queues=queue or [DEFAULT_QUEUE],
             concurrency=concurrency,
             pipelines=pipeline,
@@ -680,8 +661,9 @@ def worker(
             max_backoff=max_backoff,
             listen=listen,
         )
+        return run_worker(app_spec, options, database_url=url)
 
-    _call(go)
+    _call(serve)
 
 
 def main() -> None:

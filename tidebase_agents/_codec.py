@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import json
 import math
 import sys
 import uuid
@@ -112,7 +113,7 @@ def encode(value: Any, *, what: str = "output", path: str = "$") -> Any:
     )
 
 
-def decode(data: Any) -> Any:
+def decode(data: Any, *, what: str = "checkpoint") -> Any:
     """Inverse of :func:`encode`."""
     if isinstance(data, list):
         return [decode(v) for v in data]
@@ -155,3 +156,8 @@ def decode(data: Any) -> Any:
     if tag == "uuid":
         return uuid.UUID(v)
     raise CheckpointSerializationError(f"unknown checkpoint tag {tag!r}")
+
+
+def dump_json(value: Any) -> str:
+    """``value`` as compact JSON text, as stored. Raises ``ValueError`` for NaN or infinity."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

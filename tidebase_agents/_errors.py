@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
 
@@ -81,21 +82,35 @@ class RunFailed(TidebaseError):
 class RunLocked(TidebaseError):
     """Another live executor holds the run's lease."""
 
-    def __init__(self, run_id: str, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        owner: str | None = None,
+        *,
+        expires_at: dt.datetime | None = None,
+        detail: str | None = None,
+    ) -> None:
         self.run_id = run_id
         self.owner = owner
+        self.expires_at = expires_at
         by = f" by {owner}" if owner else ""
-        super().__init__(f"run {run_id!r} is being executed{by}; its lease has not expired")
+        if detail is None:
+            until = (
+                f" until {expires_at.astimezone(dt.timezone.utc).isoformat(timespec='seconds')}"
+                if expires_at is not None
+                else ""
+            )
+            detail = f"its lease is live{until}"
+        super().__init__(f"run {run_id!r} is being executed{by}; {detail}")
 
 
 class LeaseLost(TidebaseError):
-    """This executor's lease was taken over; its writes are refused."""
+    """This executor no longer holds the run's lease; its writes are refused."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, reason: str) -> None:
         self.run_id = run_id
-        super().__init__(
-            f"lease on run {run_id!r} was lost (expired and taken over); this executor stops"
-        )
+        self.reason = reason
+        super().__init__(f"lease on run {run_id!r} was lost ({reason}); this executor stops")
 
 
 class RunCancelled(TidebaseError):
@@ -112,6 +127,19 @@ class RunNotFound(TidebaseError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(f"no run with id {run_id!r}")
+
+
+class StepNotReviewable(ConfigurationError):
+    """Only a step parked in ``manual_review`` can be reviewed."""
+
+    def __init__(self, run_id: str, step: str, status: str | None) -> None:
+        self.run_id = run_id
+        self.step = step
+        self.status = status
+        state = "does not exist" if status is None else f"is {status}"
+        super().__init__(
+            f"step {step!r} of run {run_id!r} {state}; only manual_review steps are reviewed"
+        )
 
 
 class RunConflict(TidebaseError):

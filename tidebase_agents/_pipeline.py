@@ -11,7 +11,8 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from . import _codec
 from ._errors import ConfigurationError, RunNotFound
 from ._hashing import sha256_hex
-from ._runtime import Tidebase
+from ._store import DEFAULT_QUEUE
+from ._tidebase import Tidebase, _sdk_installed
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,6 +70,7 @@ class CheckpointedPipeline(Generic[P, R]):
         self.tide = tide
         functools.update_wrapper(self, fn)
         _registry[name] = self
+        _sdk_installed()
 
     def _record_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
         try:
@@ -94,7 +96,7 @@ class CheckpointedPipeline(Generic[P, R]):
         async def body(_run: Any) -> R:
             return await self.fn(*_codec.decode(data["args"]), **_codec.decode(data["kwargs"]))
 
-        result: R = await self.tide.execute_run(
+        result: R = await self.tide._execute(
             self.name,
             run_id,
             data,
@@ -129,7 +131,7 @@ class CheckpointedPipeline(Generic[P, R]):
         self,
         *args: Any,
         run_id: str | None = None,
-        queue: str = "default",
+        queue: str = DEFAULT_QUEUE,
         dedupe_key: str | None = None,
         priority: int = 0,
         delay: float | dt.timedelta | None = None,
@@ -142,13 +144,8 @@ class CheckpointedPipeline(Generic[P, R]):
         At most one active run exists per ``(queue, dedupe_key)``: enqueueing again while one
         is active returns the active run's id.
         """
-        from ._queue import enqueue
-
         data, input_hash = self._record_args(args, kwargs)
-        store = self.tide.store
-        await store.open()
-        return await enqueue(
-            store,
+        return await self.tide._enqueue(
             self.name,
             data,
             input_hash,

@@ -9,18 +9,14 @@ change, so users override or extend them with a JSON file (``--prices FILE`` or
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, select
-
 from ._errors import ConfigurationError
-from ._models import RunRow, UsageRow
-from ._store import Store
+from ._store import UsageRecord
 
 ENV_PRICES = "TIDEBASE_PRICES_FILE"
 
@@ -100,60 +96,44 @@ def price_for(model: str | None, prices: Mapping[str, Price]) -> Price | None:
     return prices[max(matches, key=len)] if matches else None
 
 
-_GROUPS = {"run": UsageRow.run_id, "pipeline": RunRow.pipeline, "model": UsageRow.model}
+USAGE_GROUPS = ("run", "pipeline", "model")
 _TOKENS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "total_tokens")
 
 
-def parse_group_by(spec: str) -> list[str]:
-    """``"pipeline,model"`` -> ``["pipeline", "model"]``, validated."""
-    keys = [k.strip() for k in spec.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in _GROUPS]
+def parse_group_by(spec: str | Sequence[str]) -> list[str]:
+    """``"pipeline,model"`` (or a list of keys) -> ``["pipeline", "model"]``, validated."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    keys = [k.strip() for k in parts if k.strip()]
+    unknown = [k for k in keys if k not in USAGE_GROUPS]
     if not keys or unknown:
-        raise ConfigurationError(f"--by takes a comma list of {', '.join(_GROUPS)}; got {spec!r}")
+        raise ConfigurationError(
+            f"--by takes a comma list of {', '.join(USAGE_GROUPS)}; got {spec!r}"
+        )
     return list(dict.fromkeys(keys))
 
 
-async def usage_report(
-    store: Store,
-    by: Sequence[str],
-    prices: Mapping[str, Price],
-    *,
-    pipeline: str | None = None,
-    run_id: str | None = None,
-    since: dt.datetime | None = None,
+def record_cost(record: UsageRecord, prices: Mapping[str, Price]) -> float | None:
+    """What one usage record cost: its own ``cost_usd``, else its model's price (None if the
+    model has no price)."""
+    if record.cost_usd is not None:
+        return record.cost_usd
+    price = price_for(record.model, prices)
+    if price is None:
+        return None
+    return price.cost(record.input_tokens, record.output_tokens, record.cached_tokens)
+
+
+def usage_report(
+    totals: Sequence[Mapping[str, Any]], by: Sequence[str], prices: Mapping[str, Price]
 ) -> list[dict[str, Any]]:
-    """Token totals and cost grouped by ``by`` (of ``run``, ``pipeline``, ``model``).
+    """Token totals and cost grouped by ``by``, from the store's per-(group, model) sums.
 
     ``cost_usd`` is None when some tokens of a group belong to a model without a price;
     ``unpriced_models`` names those models.
     """
     keys = list(by)
-    unpriced = UsageRow.cost_usd.is_(None)
-    cols = [
-        *(_GROUPS[k].label(k) for k in dict.fromkeys([*keys, "model"])),
-        *(func.sum(getattr(UsageRow, c)).label(c) for c in _TOKENS),
-        func.count().label("records"),
-        func.sum(UsageRow.cost_usd).label("recorded_cost"),
-        *(
-            func.sum(case((unpriced, getattr(UsageRow, f"{c}_tokens")), else_=0)).label(
-                f"unpriced_{c}"
-            )
-            for c in ("input", "output", "cached")
-        ),
-    ]
-    group = [_GROUPS[k] for k in dict.fromkeys([*keys, "model"])]
-    q = select(*cols).join(RunRow, RunRow.run_id == UsageRow.run_id).group_by(*group)
-    if pipeline:
-        q = q.where(RunRow.pipeline == pipeline)
-    if run_id:
-        q = q.where(UsageRow.run_id == run_id)
-    if since:
-        q = q.where(UsageRow.created_at >= since)
-    async with store.connect() as conn:
-        rows = [r._mapping for r in await conn.execute(q)]
-
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for r in rows:
+    for r in totals:
         ident = tuple(r[k] for k in keys)
         acc = out.setdefault(
             ident,
@@ -179,9 +159,6 @@ async def usage_report(
     report = []
     for ident in sorted(out, key=lambda t: tuple("" if v is None else str(v) for v in t)):
         acc = out[ident]
-        if acc["unpriced_models"]:
-            acc["cost_usd"] = None
-        else:
-            acc["cost_usd"] = round(acc["cost_usd"], 6)
+        acc["cost_usd"] = None if acc["unpriced_models"] else round(acc["cost_usd"], 6)
         report.append(acc)
     return report

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -25,23 +26,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
 from ._config import resolve_database_url
 from ._errors import ConfigurationError
 from ._pipeline import CheckpointedPipeline, registered_pipelines
-from ._queue import (
-    DEFAULT_QUEUE,
-    NOTIFY_CHANNEL,
-    Backoff,
-    Claim,
-    claim,
-    next_due,
-    reconcile,
-    settle_claim,
-)
-from ._runtime import Tidebase
-from ._store import Store, get_store, utcnow
+from ._store import DEFAULT_QUEUE, Backoff, Claim, Store, get_store, utcnow
+from ._tidebase import Tidebase
 
 log = logging.getLogger("tidebase_agents.worker")
 
@@ -72,48 +61,62 @@ def app_database_url(app: Any, database_url: str | None = None) -> str | None:
     return database_url
 
 
-class Worker:
-    """Claims and executes queued runs of the pipelines registered in this process.
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker runs: the same options for :func:`run_worker`, :class:`Worker` and the
+    ``tidebase-agents worker`` command.
 
     ``lease_seconds`` defaults to the longest lease of the served pipelines' ``Tidebase``;
-    ``reconcile_interval`` to half of it. ``grace_seconds`` bounds how long :meth:`stop`
+    ``reconcile_interval`` to half of it. ``grace_seconds`` bounds how long a stopping worker
     waits for running pipelines before cancelling them and requeueing their runs.
     """
+
+    queues: Sequence[str] = (DEFAULT_QUEUE,)
+    concurrency: int = 4
+    #: Only these pipelines (default: every registered pipeline on the worker's database).
+    pipelines: Sequence[str] | None = None
+    lease_seconds: float | None = None
+    poll_interval: float = 2.0
+    reconcile_interval: float | None = None
+    grace_seconds: float = 30.0
+    #: First requeue delay of a retryable run (seconds); doubles per attempt up to max_backoff.
+    retry_backoff: float = 1.0
+    max_backoff: float = 300.0
+    #: Wake on PostgreSQL NOTIFY (else poll only).
+    listen: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        if self.poll_interval <= 0 or self.grace_seconds < 0 or (self.lease_seconds or 1) <= 0:
+            raise ConfigurationError(
+                "poll_interval and lease_seconds must be positive, grace_seconds not negative"
+            )
+        if not self.queues:
+            raise ConfigurationError("a worker needs at least one queue")
+
+
+class Worker:
+    """Claims and executes queued runs of the pipelines registered in this process."""
 
     def __init__(
         self,
         database_url: str | None = None,
+        options: WorkerOptions | None = None,
         *,
-        queues: Sequence[str] = (DEFAULT_QUEUE,),
-        concurrency: int = 4,
-        pipelines: Sequence[str] | None = None,
-        lease_seconds: float | None = None,
-        poll_interval: float = 2.0,
-        reconcile_interval: float | None = None,
-        grace_seconds: float = 30.0,
-        retry_backoff: float = 1.0,
-        max_backoff: float = 300.0,
-        listen: bool = True,
         owner: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
-        if poll_interval <= 0 or grace_seconds < 0 or (lease_seconds or 1) <= 0:
-            raise ConfigurationError(
-                "poll_interval and lease_seconds must be positive, grace_seconds not negative"
-            )
-        if not queues:
-            raise ConfigurationError("a worker needs at least one queue")
+        options = options or WorkerOptions()
+        self.options = options
         self.database_url = resolve_database_url(database_url)
-        self.queues = list(queues)
-        self.concurrency = concurrency
-        self.pipeline_names = list(pipelines) if pipelines is not None else None
-        self.lease_seconds = lease_seconds
-        self.poll_interval = poll_interval
-        self.reconcile_interval = reconcile_interval
-        self.grace_seconds = grace_seconds
-        self.backoff = Backoff(retry_backoff, max_backoff)
-        self.listen = listen
+        self.queues = list(options.queues)
+        self.concurrency = options.concurrency
+        self.pipeline_names = list(options.pipelines) if options.pipelines is not None else None
+        self.lease_seconds = options.lease_seconds
+        self.poll_interval = options.poll_interval
+        self.reconcile_interval = options.reconcile_interval
+        self.grace_seconds = options.grace_seconds
+        self.backoff = Backoff(options.retry_backoff, options.max_backoff)
         self.owner = owner or f"worker:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         #: Whether the LISTEN connection is up (else the worker is polling).
         self.listening = False
@@ -164,9 +167,7 @@ class Worker:
         served = self.served_pipelines()
         lease = self.lease_seconds or max(p.tide.lease_seconds for p in served.values())
         reconciler = asyncio.create_task(self._reconcile_loop(store, lease))
-        listener = None
-        if self.listen and store.dialect == "postgresql":
-            listener = asyncio.create_task(self._listen(store))
+        listener = asyncio.create_task(self._listen(store)) if self.options.listen else None
         log.info(
             "worker %s: pipelines %s, queues %s, concurrency %d",
             self.owner,
@@ -189,7 +190,7 @@ class Worker:
             self._stopping.set()
             await self._shutdown()
             if listener is not None:
-                listener.cancel()  # a bare asyncpg connection, terminated in its finally
+                listener.cancel()  # its connection is terminated in its finally
             # The reconciler ends after its current pass: cancelling a pass midway could
             # strand its pooled connection in a half-closed state.
             await asyncio.wait([t for t in (reconciler, listener) if t is not None])
@@ -203,8 +204,7 @@ class Worker:
         if free <= 0:
             return self.poll_interval  # a finishing run sets the wake event
         try:
-            claims = await claim(
-                store,
+            claims = await store.claim(
                 owner=self.owner,
                 lease_seconds=lease,
                 queues=self.queues,
@@ -214,7 +214,7 @@ class Worker:
             if len(claims) == free:
                 due = None
             else:
-                due = await next_due(store, queues=self.queues, pipelines=list(served))
+                due = await store.next_due(queues=self.queues, pipelines=list(served))
         except Exception as exc:
             log.warning("claiming failed (%s); retrying in %.1fs", exc, self.poll_interval)
             return self.poll_interval
@@ -249,7 +249,7 @@ class Worker:
             # which, and settling below acts on it. None of these stops the worker.
             raised = f" ({type(exc).__name__}: {exc})"
         try:
-            status = await settle_claim(store, c, self.backoff, interrupted=interrupted)
+            status = await store.settle_claim(c, self.backoff, interrupted=interrupted)
         except Exception as exc:
             # The run stays under this claim's lease; the reconciler requeues it on expiry.
             log.warning("could not settle run %s: %s", c.run_id, exc)
@@ -282,7 +282,7 @@ class Worker:
         interval = self.reconcile_interval or max(lease / 2, 0.5)
         while not self._stopping.is_set():
             try:
-                report = await reconcile(store, self.backoff, orphan_grace=lease)
+                report = await store.reconcile(self.backoff, orphan_grace=lease)
             except Exception as exc:
                 log.warning("reconciler pass failed: %s", exc)
             else:
@@ -299,71 +299,54 @@ class Worker:
                 await asyncio.wait_for(self._stopping.wait(), interval * (0.5 + random.random()))
 
     async def _listen(self, store: Store) -> None:
-        import asyncpg
-
-        dsn = make_url(store.url).set(drivername="postgresql").render_as_string(False)
         keepalive = max(self.poll_interval * 5, 10.0)
         while True:
-            conn = None
+            listener = None
             try:
-                conn = await asyncpg.connect(dsn)
-                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                listener = await store.listen(self._on_notify)
+                if listener is None:
+                    return  # this database cannot push: poll only
                 self.listening = True
                 self._wake.set()  # a run may have been enqueued while nobody listened
                 while True:
                     await asyncio.sleep(keepalive)
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=10)
+                    await listener.ping(timeout=10)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("LISTEN unavailable (%s); polling every %.1fs", exc, self.poll_interval)
             finally:
                 self.listening = False
-                if conn is not None:
-                    conn.terminate()
+                if listener is not None:
+                    listener.close()
             await asyncio.sleep(keepalive)
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        if payload in self.queues:
+    def _on_notify(self, queue: str) -> None:
+        if queue in self.queues:
             self._wake.set()
 
 
 async def run_worker(
     app: str | Any = None,
+    options: WorkerOptions | None = None,
     *,
     database_url: str | None = None,
-    queues: Sequence[str] = (DEFAULT_QUEUE,),
-    concurrency: int = 4,
-    pipelines: Sequence[str] | None = None,
-    lease_seconds: float | None = None,
-    poll_interval: float = 2.0,
-    reconcile_interval: float | None = None,
-    grace_seconds: float = 30.0,
-    retry_backoff: float = 1.0,
-    max_backoff: float = 300.0,
-    listen: bool = True,
     install_signal_handlers: bool = True,
+    **overrides: Any,
 ) -> None:
     """Run a :class:`Worker` until SIGTERM or SIGINT (a second signal skips the grace period).
 
     ``app`` is ``"module:attr"`` or the object itself (a ``Tidebase``, a pipeline, anything);
     importing it registers the pipelines. The database is the app's ``Tidebase`` URL if it
-    names one, else ``database_url``, else ``$TIDEBASE_DATABASE_URL``.
+    names one, else ``database_url``, else ``$TIDEBASE_DATABASE_URL``. ``overrides`` are
+    :class:`WorkerOptions` fields (``concurrency=8``) applied over ``options``.
     """
     target = load_app(app) if isinstance(app, str) else app
-    worker = Worker(
-        app_database_url(target, database_url),
-        queues=queues,
-        concurrency=concurrency,
-        pipelines=pipelines,
-        lease_seconds=lease_seconds,
-        poll_interval=poll_interval,
-        reconcile_interval=reconcile_interval,
-        grace_seconds=grace_seconds,
-        retry_backoff=retry_backoff,
-        max_backoff=max_backoff,
-        listen=listen,
-    )
+    try:
+        options = dataclasses.replace(options or WorkerOptions(), **overrides)
+    except TypeError as exc:
+        raise ConfigurationError(f"run_worker: {exc}") from None
+    worker = Worker(app_database_url(target, database_url), options)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
     for sig in signals:

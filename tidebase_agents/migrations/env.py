@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tidebase_agents._config import resolve_database_url
-from tidebase_agents._models import VERSION_TABLE, Base
+from tidebase_agents._store.tables import VERSION_TABLE, Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,0 +1,44 @@
+"""The replay contract (R1-R13): run context, scopes, the executor and its heartbeat.
+
+Never imports the Agents SDK: the SDK package plugs in through the hooks of :mod:`.spec`
+(step specs with their own codecs, reentrant output types).
+"""
+
+from .execute import check_input_size, execute_run
+from .executor import Executor, error_record
+from .run import NotInRun, Run, active_executor, current_run, idempotency_key
+from .scope import Scope, ToolCall, current_scope, current_tool_call
+from .settings import EngineSettings
+from .spec import (
+    RUN_CONTROL,
+    Decision,
+    Execution,
+    StepSpec,
+    StopRun,
+    decode_value,
+    register_reentrant_output,
+)
+
+__all__ = [
+    "RUN_CONTROL",
+    "Decision",
+    "EngineSettings",
+    "Execution",
+    "Executor",
+    "NotInRun",
+    "Run",
+    "Scope",
+    "StepSpec",
+    "StopRun",
+    "ToolCall",
+    "active_executor",
+    "check_input_size",
+    "current_run",
+    "current_scope",
+    "current_tool_call",
+    "decode_value",
+    "error_record",
+    "execute_run",
+    "idempotency_key",
+    "register_reentrant_output",
+]

@@ -1,0 +1,515 @@
+"""The executor: the replay contract (R1-R13) for one execution of one run.
+
+It holds the run's lease and every checkpoint prefetched at acquisition, so replaying finished
+steps costs no round trip; each newly executed step costs one commit, or two when it declares
+side effects (an intent record before it runs makes in-doubt detection possible).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .._codec import dump_json
+from .._errors import (
+    CheckpointSerializationError,
+    LeaseLost,
+    PayloadTooLarge,
+    RunCancelled,
+    StepFailed,
+    StepInputMismatch,
+    StepNeedsReview,
+    TidebaseError,
+)
+from .._store import (
+    Acquired,
+    Event,
+    Lease,
+    RunRecord,
+    StepRecord,
+    Store,
+    UsageRecord,
+    utcnow,
+)
+from .._vocab import (
+    EVENT_OF_RUN_END,
+    EVENT_OF_STEP_FAILURE,
+    HALTING_STEP_STATUSES,
+    RUN_STATUS_OF_STEP,
+    DecisionKind,
+    EventKind,
+    ReplayPolicy,
+    RunStatus,
+    StepStatus,
+)
+from .scope import Scope, ToolCall, scope_var, tool_call_var
+from .settings import EngineSettings
+from .spec import RUN_CONTROL, Decision, Execution, StepSpec
+
+log = logging.getLogger("tidebase_agents")
+
+#: A lease confirmed by the database this recently (seconds) is not checked again at the next
+#: step boundary: back-to-back steps skip a read. A cancellation committed in that window can
+#: let one more step without side effects run; its checkpoint is refused all the same.
+BOUNDARY_REUSE = 0.0005
+
+
+def error_record(exc: BaseException, step: str | None = None) -> dict[str, Any]:
+    """How an error is stored: its qualified type and (bounded) message."""
+    record: dict[str, Any] = {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc)[:4000],
+    }
+    if step is not None:
+        record["step"] = step
+    return record
+
+
+def _reason(error: Any) -> str:
+    return str(error.get("message", "")) if isinstance(error, dict) else ""
+
+
+def _changed_parts(old: dict[str, str] | None, new: dict[str, str] | None) -> list[str]:
+    if not old or not new:
+        return ["input"]
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+class Executor:
+    """Executes one run under its lease: decides, runs and records each step."""
+
+    def __init__(self, store: Store, settings: EngineSettings, acquired: Acquired) -> None:
+        assert acquired.lease is not None
+        self.store = store
+        self.settings = settings
+        self.lease: Lease = acquired.lease
+        self.record: RunRecord = acquired.run
+        self._steps: dict[str, StepRecord] = dict(acquired.steps)
+        self.root = Scope()
+        self.loop = asyncio.get_running_loop()
+        self._lost: TidebaseError | None = None
+        self._lease_deadline = time.monotonic() + settings.lease_seconds
+        #: When the database last confirmed this executor's lease (acquire, a fenced write).
+        self._confirmed_at = time.monotonic()
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._ended = False
+        self._renewing = False
+        #: The halting status a step reached (the run settles in it).
+        self._outcome: StepStatus | None = None
+        self.executed: list[str] = []
+        self.replayed: list[str] = []
+        self._state_calls = 0
+        self._state_value: Any = None
+        self._state_loaded = acquired.run.state_version == 0
+        self._state_lock = asyncio.Lock()
+
+    @property
+    def run_id(self) -> str:
+        return self.lease.run_id
+
+    # -- checkpoints as this execution knows them -------------------------------------------
+
+    def recorded(self, name: str) -> StepRecord | None:
+        """The checkpoint of step ``name`` as this execution knows it."""
+        return self._steps.get(name)
+
+    def recorded_names(self, prefix: str) -> list[str]:
+        """Names of recorded steps starting with ``prefix``."""
+        return [name for name in self._steps if name.startswith(prefix)]
+
+    def check_live(self) -> None:
+        """Raise if this executor may no longer write: its lease is lost or past its deadline."""
+        if self._lost is not None:
+            raise self._lost
+        if time.monotonic() > self._lease_deadline:
+            raise LeaseLost(
+                self.run_id, "the heartbeat could not renew it in time; another executor may own it"
+            )
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def lookup(self, spec: StepSpec) -> Decision:
+        """Decide from the prefetched checkpoint whether ``spec`` replays, parks or executes.
+
+        Raises :class:`StepInputMismatch` (R2), :class:`StepNeedsReview` (R4) and
+        :class:`StepFailed` before anything runs or is written.
+        """
+        self.check_live()
+        rec = self._steps.get(spec.name)
+        if rec is None:
+            return Decision(DecisionKind.EXECUTE)
+        if rec.status != StepStatus.FAILED_RETRYABLE and rec.input_hash != spec.input_hash:
+            raise StepInputMismatch(
+                self.run_id,
+                spec.name,
+                rec.input_hash,
+                spec.input_hash,
+                _changed_parts(rec.input_parts, spec.input_parts),
+            )
+        if rec.status == StepStatus.COMPLETED:
+            self.replayed.append(spec.name)
+            if rec.error is not None and spec.raise_error is not None:
+                spec.raise_error(rec.error)
+            return Decision(DecisionKind.REPLAY, rec)
+        if rec.status == StepStatus.MANUAL_REVIEW:
+            self._outcome = StepStatus.MANUAL_REVIEW
+            raise StepNeedsReview(self.run_id, spec.name, _reason(rec.error))
+        if rec.status == StepStatus.FAILED:
+            self._outcome = StepStatus.FAILED
+            raise StepFailed(self.run_id, spec.name, _reason(rec.error))
+        if rec.status == StepStatus.RUNNING and rec.side_effects and not rec.keyed:
+            return Decision(DecisionKind.PARK, rec, rec.attempts)
+        return Decision(
+            DecisionKind.EXECUTE,
+            rec,
+            rec.attempts + 1,
+            in_doubt=rec.status == StepStatus.RUNNING,
+        )
+
+    async def execute(self, spec: StepSpec) -> Any:
+        """Replay ``spec`` from its checkpoint or execute it and record the outcome."""
+        decision = self.lookup(spec)
+        if decision.kind == DecisionKind.REPLAY:
+            assert decision.record is not None
+            return await spec.decode(decision.record.output)
+        execution = await self.begin(spec, decision)
+        value, error, tries = await self._attempts(spec)
+        return await self.conclude(spec, execution, value, error, tries)
+
+    async def begin(self, spec: StepSpec, decision: Decision) -> Execution:
+        """Start executing a step: park an unkeyed in-doubt write (R5), or write the intent
+        record of a side-effecting step."""
+        if decision.kind == DecisionKind.PARK:
+            await self._write(
+                spec,
+                StepStatus.MANUAL_REVIEW,
+                attempts=decision.attempts,
+                error={
+                    "message": "in doubt: the executor died during an unkeyed external "
+                    "write, which may or may not have happened"
+                },
+                events=[
+                    Event(
+                        EventKind.STEP_IN_DOUBT,
+                        spec.name,
+                        {"action": str(StepStatus.MANUAL_REVIEW)},
+                    )
+                ],
+            )
+            self._outcome = StepStatus.MANUAL_REVIEW
+            raise StepNeedsReview(self.run_id, spec.name, "in doubt after a crash")
+        if not spec.side_effects and time.monotonic() - self._confirmed_at > BOUNDARY_REUSE:
+            # The step boundary: a run cancelled or taken over since this executor's last
+            # write must not run another step (R6, R12). A side-effecting step's intent
+            # record below is fenced and checks the same.
+            await self._guarded(self.store.check_lease(self.lease))
+            self._confirmed_at = time.monotonic()
+        execution = Execution(decision.attempts, utcnow(), time.perf_counter())
+        if spec.side_effects:
+            kind = EventKind.STEP_IN_DOUBT if decision.in_doubt else EventKind.STEP_STARTED
+            data = (
+                {"action": "reexecute", "idempotency_key": spec.idempotency_key}
+                if decision.in_doubt
+                else None
+            )
+            await self._write(
+                spec,
+                StepStatus.RUNNING,
+                attempts=decision.attempts,
+                started_at=execution.started,
+                events=[Event(kind, spec.name, data)],
+            )
+        elif decision.in_doubt:
+            log.info("re-executing in-doubt step %s of run %s", spec.name, self.run_id)
+        return execution
+
+    async def conclude(
+        self,
+        spec: StepSpec,
+        execution: Execution,
+        value: Any,
+        error: BaseException | None,
+        tries: int = 1,
+    ) -> Any:
+        """Record how an executed step ended; return its value or raise its error (R3)."""
+        attempts = execution.attempts + tries - 1
+        encoded: Any = None
+        text: str | None = None
+        if error is None:
+            try:
+                encoded = spec.encode(value)
+                text = self.serialize(f"output of step {spec.name!r}", encoded)
+            except CheckpointSerializationError as exc:
+                error = exc
+        duration = (time.perf_counter() - execution.t0) * 1000
+        call = spec.tool_call
+        keyed = spec.keyed if call is None else (call.explicit or call.key_read)
+        common: dict[str, Any] = dict(
+            attempts=attempts, keyed=keyed, started_at=execution.started, duration_ms=duration
+        )
+        if error is None:
+            await self._write(
+                spec,
+                StepStatus.COMPLETED,
+                output=encoded,
+                output_json=text,
+                usage=spec.usage(value) if spec.usage else (),
+                events=[Event(EventKind.STEP_COMPLETED, spec.name, {"attempts": attempts})],
+                **common,
+            )
+            self.executed.append(spec.name)
+            return value
+        recorded = spec.encode_error(error) if spec.encode_error else None
+        if recorded is not None:
+            # A deterministic outcome (max turns, a guardrail tripwire): it is the answer.
+            run_data = getattr(error, "run_data", None)
+            await self._write(
+                spec,
+                StepStatus.COMPLETED,
+                error=recorded,
+                usage=spec.usage(run_data) if spec.usage and run_data is not None else (),
+                events=[
+                    Event(EventKind.STEP_COMPLETED, spec.name, {"error": recorded.get("type")})
+                ],
+                **common,
+            )
+            self.executed.append(spec.name)
+            raise error
+        status = self._classify(spec, keyed)
+        await self._write(
+            spec,
+            status,
+            error=error_record(error),
+            events=[Event(EVENT_OF_STEP_FAILURE[status], spec.name, error_record(error))],
+            **common,
+        )
+        if status in HALTING_STEP_STATUSES:
+            self._outcome = status
+        raise error
+
+    async def _attempts(self, spec: StepSpec) -> tuple[Any, BaseException | None, int]:
+        """Call the step's function with in-process retries; return (value, error, tries)."""
+        for attempt in range(spec.retries + 1):
+            try:
+                return await self._call(spec), None, attempt + 1
+            except RUN_CONTROL:
+                raise
+            except Exception as exc:
+                if spec.encode_error is not None and spec.encode_error(exc) is not None:
+                    return None, exc, attempt + 1
+                if attempt == spec.retries:
+                    return None, exc, attempt + 1
+                self.check_live()
+                delay = min(self.settings.retry_backoff * 2**attempt, 30.0)
+                log.info(
+                    "step %s failed (%s); retry %d in %.2fs", spec.name, exc, attempt + 1, delay
+                )
+                await asyncio.sleep(delay * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def step_scope(self, name: str, tool_call: ToolCall | None = None) -> Iterator[None]:
+        """Run code as the body of step ``name``: nested steps are named inside it."""
+        scope_token = scope_var.set((scope_var.get() or self.root).child(name))
+        call_token = tool_call_var.set(tool_call)
+        try:
+            yield
+        finally:
+            tool_call_var.reset(call_token)
+            scope_var.reset(scope_token)
+
+    async def _call(self, spec: StepSpec) -> Any:
+        with self.step_scope(spec.name, spec.tool_call):
+            out = spec.fn()
+            if inspect.isawaitable(out):
+                out = await out
+            return out
+
+    def _classify(self, spec: StepSpec, keyed: bool) -> StepStatus:
+        """Final-failure classification (R3)."""
+        if spec.replay == ReplayPolicy.MANUAL or (spec.side_effects and not keyed):
+            return StepStatus.MANUAL_REVIEW
+        if spec.replay == ReplayPolicy.NEVER:
+            return StepStatus.FAILED
+        return StepStatus.FAILED_RETRYABLE
+
+    async def _guarded(self, write: Any) -> Any:
+        """Await a fenced database call; a refused fence ends this executor's writes."""
+        try:
+            return await write
+        except (LeaseLost, RunCancelled) as exc:
+            self._lost = exc
+            raise
+
+    async def _write(
+        self,
+        spec: StepSpec,
+        status: StepStatus,
+        *,
+        attempts: int,
+        events: Sequence[Event],
+        output: Any = None,
+        error: Any = None,
+        keyed: bool | None = None,
+        started_at: Any = None,
+        duration_ms: float | None = None,
+        usage: Sequence[UsageRecord] = (),
+        output_json: str | None = None,
+    ) -> None:
+        record = StepRecord(
+            name=spec.name,
+            status=status,
+            input_hash=spec.input_hash,
+            input_parts=spec.input_parts,
+            output=output,
+            error=error,
+            side_effects=spec.side_effects,
+            idempotency_key=spec.idempotency_key,
+            keyed=spec.keyed if keyed is None else keyed,
+            replay=spec.replay,
+            attempts=attempts,
+            lease_token=self.lease.token,
+            started_at=started_at or utcnow(),
+            completed_at=utcnow() if status != StepStatus.RUNNING else None,
+            duration_ms=duration_ms,
+        )
+        self.check_live()
+        await self._guarded(
+            self.store.write_step(
+                self.lease, record, events=events, usage=usage, output_json=output_json
+            )
+        )
+        self._confirmed_at = time.monotonic()
+        self._steps[spec.name] = record
+
+    def serialize(self, what: str, encoded: Any) -> str:
+        """The checkpoint's JSON text, checked against the size limit (R13)."""
+        try:
+            text = dump_json(encoded)
+        except ValueError as exc:
+            raise CheckpointSerializationError(f"{what} cannot be stored as JSON: {exc}") from None
+        size = len(text.encode("utf-8"))
+        limit = self.settings.max_payload_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{what} is {size} bytes as JSON, over the limit of {limit} "
+                f"(Tidebase(max_payload_bytes=...))"
+            )
+        return text
+
+    # -- run state and usage ---------------------------------------------------------------
+
+    async def append_state(self, doc: Any) -> int:
+        """Append ``doc`` as the next state version; a replayed call writes nothing (R10)."""
+        async with self._state_lock:
+            self._state_calls += 1
+            version = self._state_calls
+            if version <= self.record.state_version:
+                self._state_value, self._state_loaded = None, False
+                return version
+            self.check_live()
+            self.serialize(f"state version {version}", doc)
+            await self._guarded(self.store.append_state(self.lease, version, doc))
+            self.record = dataclasses.replace(self.record, state_version=version)
+            self._state_value, self._state_loaded = doc, True
+            return version
+
+    async def state(self) -> Any:
+        """The latest state value of this run (None before any state was set)."""
+        if not self._state_loaded:
+            versions = await self.store.get_state(self.run_id)
+            self._state_value = versions[-1].value if versions else None
+            self._state_loaded = True
+        return self._state_value
+
+    async def record_usage(self, usage: UsageRecord) -> None:
+        self.check_live()
+        await self._guarded(self.store.record_usage(self.lease, [usage]))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Keep a background checkpoint write alive until the run finishes."""
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for background checkpoint writes (streamed runs) to land."""
+        while self._pending:
+            _, pending = await asyncio.wait(list(self._pending), timeout=timeout)
+            if pending:
+                return
+
+    async def heartbeat(self) -> None:
+        """Renew the lease every third of its length until :meth:`stop_heartbeat`."""
+        seconds = self.settings.lease_seconds
+        while not self._ended:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            self._renewing = True
+            try:
+                await self.store.heartbeat(self.lease, seconds)
+            except (LeaseLost, RunCancelled) as exc:
+                self._lost = exc
+                return
+            except Exception as exc:  # a transient database error: keep trying until expiry
+                log.warning("heartbeat for run %s failed: %s", self.run_id, exc)
+            else:
+                self._lease_deadline = time.monotonic() + seconds
+            finally:
+                self._renewing = False
+
+    async def stop_heartbeat(self, heartbeat: asyncio.Task[None]) -> None:
+        """Cancel the heartbeat while it sleeps; while it renews, let the renewal finish.
+
+        A database call cancelled midway makes the driver tear its connection down, and
+        aiosqlite's teardown can then wait forever on its already stopped thread, hanging the
+        process's ``asyncio.run``.
+        """
+        self._ended = True
+        if self._renewing:
+            # asyncio.wait, unlike awaiting the task, leaves it running if we are cancelled.
+            await asyncio.wait([heartbeat])
+        else:
+            heartbeat.cancel()
+
+    async def settle(self, exc: BaseException) -> None:
+        """Record how an unsuccessful execution ended and release the lease."""
+        if isinstance(exc, (LeaseLost, RunCancelled)) or self._lost is not None:
+            return
+        if isinstance(exc, StepNeedsReview):
+            status = RunStatus.MANUAL_REVIEW
+        elif isinstance(exc, StepFailed):
+            status = RunStatus.FAILED
+        elif self._outcome is not None:
+            status = RUN_STATUS_OF_STEP[self._outcome]
+        else:
+            status = RunStatus.FAILED_RETRYABLE
+        with contextlib.suppress(LeaseLost, RunCancelled):
+            await self.store.finish(
+                self.lease,
+                status,
+                error=error_record(exc),
+                event=Event(EVENT_OF_RUN_END[status], data=error_record(exc)),
+            )
+
+    async def complete(self, output: Any) -> None:
+        """Record the run's result and release the lease."""
+        await self._guarded(
+            self.store.finish(
+                self.lease,
+                RunStatus.COMPLETED,
+                output=output,
+                event=Event(
+                    EventKind.RUN_COMPLETED,
+                    data={"executed": len(self.executed), "replayed": len(self.replayed)},
+                ),
+            )
+        )

@@ -1,0 +1,103 @@
+"""What the engine executes: step specs, and the hooks through which other packages plug in.
+
+A step spec carries its own output codec (``encode`` / ``decode``) and, optionally, how a
+deterministic failure is recorded and replayed and what usage a result spent: the SDK package
+builds agent and tool steps from these hooks, and the engine never needs to know what an agent
+is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+from .. import _codec
+from .._errors import LeaseLost, RunCancelled, StepFailed, StepInputMismatch, StepNeedsReview
+from .._store import StepRecord, UsageRecord
+from .._vocab import DecisionKind, ReplayPolicy
+from .scope import ToolCall
+
+#: Errors that steer the run rather than report a failure of the step's own work.
+RUN_CONTROL: tuple[type[Exception], ...] = (
+    LeaseLost,
+    RunCancelled,
+    StepNeedsReview,
+    StepInputMismatch,
+    StepFailed,
+)
+
+
+async def decode_value(data: Any) -> Any:
+    return _codec.decode(data)
+
+
+@dataclasses.dataclass
+class StepSpec:
+    """Everything the executor needs to run or replay one step."""
+
+    name: str
+    fn: Callable[[], Any]
+    input_hash: str
+    input_parts: dict[str, str] | None = None
+    side_effects: list[str] | None = None
+    idempotency_key: str | None = None
+    keyed: bool = False
+    replay: ReplayPolicy = ReplayPolicy.AUTO
+    retries: int = 0
+    encode: Callable[[Any], Any] = _codec.encode
+    decode: Callable[[Any], Awaitable[Any]] = decode_value
+    #: Deterministic failures recorded as the step's outcome (replayed as the same error).
+    encode_error: Callable[[BaseException], dict[str, Any] | None] | None = None
+    raise_error: Callable[[dict[str, Any]], NoReturn] | None = None
+    usage: Callable[[Any], Sequence[UsageRecord]] | None = None
+    tool_call: ToolCall | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What to do with a step given its checkpoint."""
+
+    kind: DecisionKind
+    record: StepRecord | None = None
+    attempts: int = 1
+    in_doubt: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """A step being executed: its attempt count, when it started (wall and monotonic)."""
+
+    attempts: int
+    started: Any
+    t0: float
+
+
+class StopRun(BaseException):
+    """Carries an error that must end the agent run out of a tool call.
+
+    The SDK turns a tool's ``Exception`` into a message for the model and lets the run go on;
+    a step that needs review, a lost lease or database, or a cancelled run must instead stop
+    it. Raised as a ``BaseException`` from durable tools and unwrapped where the agent run was
+    started.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+# Values of these types are not stored as a step's output: the step replays by calling its
+# function again, whose own nested steps hand back their checkpoints (an agent run's result,
+# bound to this process's live objects). The SDK package registers its result types here.
+_reentrant: list[type] = []
+
+
+def register_reentrant_output(cls: type) -> None:
+    """Replay step outputs of type ``cls`` by re-entering the step's function."""
+    if cls not in _reentrant:
+        _reentrant.append(cls)
+
+
+def is_reentrant(value: Any) -> bool:
+    return any(isinstance(value, cls) for cls in _reentrant)

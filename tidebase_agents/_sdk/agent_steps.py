@@ -1,0 +1,192 @@
+"""Agent runs inside a pipeline are steps: every ``Runner.run`` / ``run_sync`` / ``run_streamed``
+is the checkpointed step ``agent:<name>#<n>`` (I1, I2, R1); outside a pipeline the SDK runs
+untouched."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agents import Agent, RunResult, RunResultStreaming
+from agents.run import AgentRunner
+
+from .._engine import (
+    Execution,
+    Executor,
+    Scope,
+    StepSpec,
+    StopRun,
+    active_executor,
+    current_scope,
+    current_tool_call,
+)
+from .._hashing import parts_hash, sha256_hex
+from .._store import UsageRecord, utcnow
+from .._vocab import DecisionKind
+from .agent_runner import sdk_run, sdk_run_streamed, tool_call_scope
+from .errors import encode_agent_error, raise_recorded_error
+from .fingerprint import agent_fingerprint, run_input_json, run_options_parts
+from .result_codec import decode_result, encode_result
+from .session import DurableSession
+from .streaming import checkpointed_stream, on_stream_complete, replay_streamed
+from .usage import result_usage, state_response_count
+
+
+def _agent_scope(ex: Executor, context: Any) -> Scope:
+    """The scope an agent call's step name is allocated in.
+
+    An agent used as a tool (``agent.as_tool``) runs with the tool call's ``ToolContext``; its
+    steps nest under ``tool:<name>:<args hash>#<n>`` of the calling agent step (I3), never
+    under the model's call id, which changes when the calling agent is re-executed.
+    """
+    scope = current_scope() or ex.root
+    nested = tool_call_scope(context)
+    if nested is None or current_tool_call() is not None:
+        return scope
+    tool_name, arguments = nested
+    key = f"tool:{tool_name}:{sha256_hex(arguments)[:12]}"
+    return Scope(prefix=f"{scope.prefix}{key}#{scope.next_ordinal(key)}/")
+
+
+def _claim(ex: Executor, scope: Scope, agent_name: str, input_hash: str) -> str:
+    """Allocate the step name of one agent call (I1).
+
+    The n-th call of an agent in a scope is ``agent:<name>#<n>``, counted in call-start order.
+    Concurrent calls may start in another order on a later attempt, so a call whose input
+    matches a recorded, unclaimed checkpoint of the same agent takes that one. Otherwise the
+    call keeps its own slot, where a different recorded input raises ``StepInputMismatch`` —
+    unless the call runs in a task of its own (``gather``, ``create_task``): then the slot may
+    belong to a sibling that has not started yet, and the call takes a fresh slot.
+    """
+    base = f"{scope.prefix}agent:{agent_name}#"
+    own = f"{base}{scope.next_ordinal('agent:' + agent_name)}"
+    candidates = [
+        own,
+        *sorted(
+            (
+                name
+                for name in ex.recorded_names(base)
+                if name != own and _is_ordinal(name, base) and name not in scope.claimed
+            ),
+            key=lambda name: int(name[len(base) :]),
+        ),
+    ]
+    for name in candidates:
+        rec = ex.recorded(name)
+        if name not in scope.claimed and rec is not None and rec.input_hash == input_hash:
+            scope.claimed.add(name)
+            return name
+    taken = own in scope.claimed or (ex.recorded(own) is not None and scope.in_concurrent_task())
+    if not taken:
+        scope.claimed.add(own)
+        return own
+    n = 1
+    while f"{base}{n}" in scope.claimed or ex.recorded(f"{base}{n}") is not None:
+        n += 1
+    name = f"{base}{n}"
+    scope.claimed.add(name)
+    return name
+
+
+def _is_ordinal(name: str, base: str) -> bool:
+    return re.fullmatch(r"\d+", name[len(base) :]) is not None
+
+
+def _usage_rows(step: str, result: Any, agent: Agent[Any], skip: int) -> Sequence[UsageRecord]:
+    return [
+        UsageRecord(
+            dedupe_key=f"{step}|{entry.model}",
+            step=step,
+            model=entry.model,
+            requests=entry.requests,
+            input_tokens=entry.input_tokens,
+            output_tokens=entry.output_tokens,
+            cached_tokens=entry.cached_tokens,
+            reasoning_tokens=entry.reasoning_tokens,
+            total_tokens=entry.total_tokens,
+        )
+        for entry in result_usage(result, agent, skip_responses=skip)
+    ]
+
+
+def _agent_spec(
+    ex: Executor, runner: AgentRunner, agent: Agent[Any], input: Any, kwargs: dict[str, Any]
+) -> StepSpec:
+    context = kwargs.get("context")
+    if kwargs.get("session") is not None and not isinstance(kwargs["session"], DurableSession):
+        kwargs = {**kwargs, "session": DurableSession(kwargs["session"], ex)}
+    parts = {**agent_fingerprint(agent), **run_options_parts(kwargs)}
+    parts["input"] = run_input_json(input)
+    input_hash, per_part = parts_hash(parts, what=f"input of agent {agent.name!r}")
+    name = _claim(ex, _agent_scope(ex, context), agent.name, input_hash)
+    skip = state_response_count(input)
+
+    async def decode(payload: Any) -> Any:
+        return await decode_result(payload, agent, context)
+
+    return StepSpec(
+        name=name,
+        fn=lambda: sdk_run(runner, agent, input, kwargs, isolate=True),
+        input_hash=input_hash,
+        input_parts=per_part,
+        encode=encode_result,
+        decode=decode,
+        encode_error=encode_agent_error,
+        raise_error=lambda record: raise_recorded_error(
+            record, context=context, starting_agent=agent
+        ),
+        usage=lambda result: _usage_rows(name, result, agent, skip),
+    )
+
+
+class _Interceptor:
+    """Turns agent runs inside a pipeline into steps of the executing run."""
+
+    async def run(
+        self, runner: AgentRunner, starting_agent: Agent[Any], input: Any, kwargs: dict[str, Any]
+    ) -> RunResult:
+        ex = active_executor()
+        if ex is None:
+            return await sdk_run(runner, starting_agent, input, kwargs)
+        try:
+            result: RunResult = await ex.execute(
+                _agent_spec(ex, runner, starting_agent, input, kwargs)
+            )
+            return result
+        except StopRun as stop:
+            if tool_call_scope(kwargs.get("context")) is not None:
+                raise  # an agent used as a tool: stop the calling agent run too
+            raise stop.error from None
+
+    def run_streamed(
+        self, runner: AgentRunner, starting_agent: Agent[Any], input: Any, kwargs: dict[str, Any]
+    ) -> RunResultStreaming:
+        ex = active_executor()
+        if ex is None:
+            return sdk_run_streamed(runner, starting_agent, input, kwargs)
+        spec = _agent_spec(ex, runner, starting_agent, input, kwargs)
+        decision = ex.lookup(spec)
+        if decision.kind == DecisionKind.REPLAY:
+            assert decision.record is not None
+            return replay_streamed(decision.record.output, starting_agent, kwargs.get("context"))
+        # Agent steps declare no side effects, so starting one writes nothing: the stream can
+        # start right away and its checkpoint is written when its run task ends.
+        execution = Execution(decision.attempts, utcnow(), time.perf_counter())
+        with ex.step_scope(spec.name):
+            streamed = sdk_run_streamed(runner, starting_agent, input, kwargs, isolate=True)
+
+        async def record(result: RunResultStreaming, error: BaseException | None) -> None:
+            if isinstance(error, StopRun):
+                return  # a tool stopped the run: the agent step did not finish
+            try:
+                await ex.conclude(spec, execution, result if error is None else None, error)
+            except BaseException:  # the consumer of the stream sees the error itself
+                return
+
+        recorded = ex.track(on_stream_complete(streamed, record))
+        return checkpointed_stream(streamed, recorded)
+
+
+INTERCEPTOR = _Interceptor()

@@ -1,0 +1,48 @@
+"""Persistence: one store per backend behind one interface. Never imports the engine or the SDK.
+
+``base`` defines the interface and what both backends share, ``postgres`` and ``sqlite`` the
+fenced writes each backend makes its own way, ``queue`` the queue operations, ``sql`` the named
+statements, ``tables`` the SQLAlchemy models, ``records`` what goes in and out.
+"""
+
+from .base import USAGE_GROUP_KEYS, Listener, Store
+from .queue import DEFAULT_QUEUE, Backoff
+from .records import (
+    Acquired,
+    Claim,
+    Event,
+    EventRecord,
+    Lease,
+    NewRun,
+    QueuedRun,
+    ReconcileReport,
+    RunRecord,
+    StateVersion,
+    StepRecord,
+    UsageRecord,
+    utcnow,
+)
+from .registry import close_stores, get_store
+
+__all__ = [
+    "DEFAULT_QUEUE",
+    "USAGE_GROUP_KEYS",
+    "Acquired",
+    "Backoff",
+    "Claim",
+    "Event",
+    "EventRecord",
+    "Lease",
+    "Listener",
+    "NewRun",
+    "QueuedRun",
+    "ReconcileReport",
+    "RunRecord",
+    "StateVersion",
+    "StepRecord",
+    "Store",
+    "UsageRecord",
+    "close_stores",
+    "get_store",
+    "utcnow",
+]

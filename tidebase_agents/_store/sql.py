@@ -1,0 +1,167 @@
+"""Named SQL statements, each with a line saying what it does.
+
+The PostgreSQL statements are the executing run's writes, each one round trip: a data-modifying
+CTE ``fence`` bumps the run's event counter only while the caller's lease holds (and hands out
+the event numbers), and the rows of the write are inserted from that same row. Parameters are
+asyncpg's ``$n``; ``$1`` is always the run id, ``$2`` the lease token, ``$3`` the number of
+events the write appends and ``$4`` the time of the write.
+"""
+
+from __future__ import annotations
+
+from .._vocab import RESTARTABLE_RUN_STATUSES, EventKind, RunStatus, sql_list
+from .records import STEP_FIELDS, USAGE_FIELDS
+from .tables import EventRow, RunRow, StateRow, StepRow, UsageRow
+
+RUNS = RunRow.__tablename__
+STEPS = StepRow.__tablename__
+EVENTS = EventRow.__tablename__
+STATE = StateRow.__tablename__
+USAGE = UsageRow.__tablename__
+
+
+def takeover_rule(now: str) -> str:
+    """The one rule for who may take a run over: it is restartable (queued, retryable,
+    parked), or running under a lease that expired by ``now`` (a placeholder)."""
+    return (
+        f"(status IN {sql_list(RESTARTABLE_RUN_STATUSES)} OR (status = '{RunStatus.RUNNING}' "
+        f"AND (lease_expires_at IS NULL OR lease_expires_at <= {now})))"
+    )
+
+
+def same_input(input_hash: str) -> str:
+    """The run was recorded with these arguments, or without any."""
+    return f"({input_hash} IS NULL OR input_hash IS NULL OR input_hash = {input_hash})"
+
+
+def _fence(extra: str = "") -> str:
+    return (
+        f"fence AS (UPDATE {RUNS} SET event_seq = event_seq + $3, updated_at = $4{extra} "
+        f"WHERE run_id = $1 AND lease_token = $2 AND status = '{RunStatus.RUNNING}' "
+        f"RETURNING event_seq)"
+    )
+
+
+def _events(param: int) -> str:
+    # The events of a write: a JSON array of {ord, kind, step, data}, numbered after the fence.
+    return (
+        f"ev AS (INSERT INTO {EVENTS} (run_id, seq, kind, step, data, created_at) "
+        f"SELECT $1, fence.event_seq - $3 + e.ord, e.kind, e.step, e.data, $4 "
+        f"FROM fence, jsonb_to_recordset(${param}::jsonb) "
+        f"AS e(ord int, kind text, step text, data jsonb))"
+    )
+
+
+_USAGE_TYPES = {
+    "dedupe_key": "text",
+    "step": "text",
+    "kind": "text",
+    "provider": "text",
+    "model": "text",
+    "requests": "int",
+    "input_tokens": "bigint",
+    "output_tokens": "bigint",
+    "cached_tokens": "bigint",
+    "reasoning_tokens": "bigint",
+    "total_tokens": "bigint",
+    "cost_usd": "float8",
+}
+
+
+def _usage(param: int) -> str:
+    # Usage records: a JSON array of UsageRecord fields; an existing dedupe key is skipped (R9).
+    cols = ", ".join(USAGE_FIELDS)
+    picked = ", ".join(f"u.{c}" for c in USAGE_FIELDS)
+    types = ", ".join(f"{c} {_USAGE_TYPES[c]}" for c in USAGE_FIELDS)
+    return (
+        f"us AS (INSERT INTO {USAGE} (run_id, {cols}, created_at) "
+        f"SELECT $1, {picked}, $4 FROM fence, jsonb_to_recordset(${param}::jsonb) "
+        f"AS u({types}) ON CONFLICT (run_id, dedupe_key) DO NOTHING)"
+    )
+
+
+#: Step columns a step write sends, in parameter order after the four fence parameters.
+STEP_WRITE_COLUMNS = [c for c in STEP_FIELDS if c != "lease_token"]
+STEP_JSON_COLUMNS = frozenset({"input_parts", "output", "error", "side_effects"})
+_STEP_PARAMS = ", ".join(
+    f"${i}::jsonb" if c in STEP_JSON_COLUMNS else f"${i}"
+    for i, c in enumerate(STEP_WRITE_COLUMNS, start=5)
+)
+_STEP_UPDATES = ", ".join(
+    f"{c} = EXCLUDED.{c}"
+    for c in ["lease_token", *STEP_WRITE_COLUMNS]
+    if c not in ("name", "started_at")
+)
+_AFTER_STEP = 5 + len(STEP_WRITE_COLUMNS)
+
+#: Write a step (insert, or update its earlier record) with its events and usage.
+WRITE_STEP = (
+    f"WITH {_fence()}, "
+    f"step AS (INSERT INTO {STEPS} (run_id, lease_token, {', '.join(STEP_WRITE_COLUMNS)}) "
+    f"SELECT $1, $2, {_STEP_PARAMS} FROM fence "
+    f"ON CONFLICT (run_id, name) DO UPDATE SET {_STEP_UPDATES}), "
+    f"{_events(_AFTER_STEP)}, {_usage(_AFTER_STEP + 1)} SELECT event_seq FROM fence"
+)
+
+#: End an execution: set the run's status, output and error, release the lease, log the end.
+_FINISH_SETS = (
+    ", status = $5, output = $6::jsonb, error = $7::jsonb, lease_owner = NULL, "
+    "lease_expires_at = NULL, finished_at = $8"
+)
+FINISH = f"WITH {_fence(_FINISH_SETS)}, {_events(9)} SELECT event_seq FROM fence"
+
+#: Append a state version ($5) with its value ($6) and event ($7).
+APPEND_STATE = (
+    f"WITH {_fence(', state_version = $5')}, "
+    f"st AS (INSERT INTO {STATE} (run_id, version, value, created_at) "
+    f"SELECT $1, $5, $6::jsonb, $4 FROM fence), "
+    f"{_events(7)} SELECT event_seq FROM fence"
+)
+
+#: Record usage ($5) under the lease.
+RECORD_USAGE = f"WITH {_fence()}, {_usage(5)} SELECT event_seq FROM fence"
+
+#: Read the fence's inputs: is the run still running under this token?
+LEASE_STATE = f"SELECT status, lease_token FROM {RUNS} WHERE run_id = $1"
+
+#: Create a run ($1, pipeline $2) under its first lease (owner $5, expiry $6, now $7) with its
+#: arguments ($3, hash $4) and its first event ($8); nothing if the id exists.
+CREATE_RUN = (
+    f"WITH ins AS (INSERT INTO {RUNS} (run_id, pipeline, status, input, input_hash, attempts, "
+    f"lease_owner, lease_token, lease_expires_at, event_seq, created_at, updated_at) "
+    f"VALUES ($1, $2, '{RunStatus.RUNNING}', $3::jsonb, $4, 1, $5, 1, $6, 1, $7, $7) "
+    f"ON CONFLICT (run_id) DO NOTHING RETURNING *), "
+    f"ev AS (INSERT INTO {EVENTS} (run_id, seq, kind, data, created_at) "
+    f"SELECT run_id, 1, '{EventKind.RUN_STARTED}', $8::jsonb, $7 FROM ins) "
+    f"SELECT * FROM ins"
+)
+
+#: Take the lease of run $1 of pipeline $2 for owner $3 until $4 (now $5; arguments $6, hash
+#: $7) if the takeover rule allows it, logging a resume or a takeover; no row otherwise.
+TAKE_OVER = (
+    f"WITH o AS (SELECT status AS old_status, lease_owner AS old_owner FROM {RUNS} "
+    f"WHERE run_id = $1), "
+    f"upd AS (UPDATE {RUNS} r SET status = '{RunStatus.RUNNING}', lease_owner = $3, "
+    f"lease_token = r.lease_token + 1, lease_expires_at = $4, attempts = r.attempts + 1, "
+    f"event_seq = r.event_seq + 1, updated_at = $5, input = COALESCE(r.input, $6::jsonb), "
+    f"input_hash = COALESCE(r.input_hash, $7) FROM o "
+    f"WHERE r.run_id = $1 AND r.pipeline = $2 AND {same_input('$7::text')} "
+    f"AND {takeover_rule('$5')} "
+    f"RETURNING r.*, o.old_status, o.old_owner), "
+    f"ev AS (INSERT INTO {EVENTS} (run_id, seq, kind, data, created_at) "
+    f"SELECT run_id, event_seq, CASE WHEN old_status = '{RunStatus.RUNNING}' "
+    f"THEN '{EventKind.LEASE_TAKEN_OVER}' ELSE '{EventKind.RUN_RESUMED}' END, "
+    f"jsonb_build_object('owner', $3::text, 'from_status', old_status, "
+    f"'previous_owner', old_owner, 'token', lease_token), $5 FROM upd) "
+    f"SELECT * FROM upd"
+)
+
+#: Take the lease of run :run_id (SQLite; the caller logs the event in the same transaction).
+SQLITE_TAKE_OVER = (
+    f"UPDATE {RUNS} SET status = '{RunStatus.RUNNING}', lease_owner = :owner, "
+    f"lease_token = lease_token + 1, lease_expires_at = :expires, attempts = attempts + 1, "
+    f"event_seq = event_seq + 1, updated_at = :now, input = COALESCE(input, :input), "
+    f"input_hash = COALESCE(input_hash, :input_hash) "
+    f"WHERE run_id = :run_id AND pipeline = :pipeline AND {same_input(':input_hash')} "
+    f"AND {takeover_rule(':now')} RETURNING *"
+)

@@ -1,0 +1,272 @@
+"""The embedded SQLite store: every write of an executing run is one ``BEGIN IMMEDIATE``
+transaction (fence, rows, events), so writers queue on the busy timeout instead of failing on a
+read-to-write upgrade. WAL mode with ``synchronous=NORMAL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import bindparam, event, insert, select, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .._vocab import TERMINAL_RUN_STATUSES, EventKind, RunStatus
+from . import sql
+from .base import Store
+from .records import (
+    Event,
+    Lease,
+    NewRun,
+    RunRecord,
+    StepRecord,
+    UsageRecord,
+    fields_of,
+    run_from_mapping,
+    utcnow,
+)
+from .rows import append_event, fence_error, fenced_bump
+from .tables import JSONType, RunRow, StateRow, StepRow, UsageRow, UTCDateTime
+
+#: Seconds a writer waits for SQLite's write lock before giving up.
+BUSY_TIMEOUT = 30
+
+_TAKE_OVER = (
+    text(sql.SQLITE_TAKE_OVER)
+    .bindparams(
+        bindparam("expires", type_=UTCDateTime()),
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("input", type_=JSONType),
+    )
+    .columns(*RunRow.__table__.c)
+)
+
+
+class SQLiteStore(Store):
+    backend: ClassVar[str] = "sqlite"
+
+    def _make_engine(self) -> AsyncEngine:
+        engine = create_async_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
+            # Take transaction control from the driver so every transaction is
+            # BEGIN IMMEDIATE (see the module docstring).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT * 1000}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    async def _open(self) -> None:
+        try:
+            Path(self.engine.url.database or "tidebase.db").parent.mkdir(
+                parents=True, exist_ok=True
+            )
+        except OSError as exc:
+            raise self.unavailable(exc) from None
+        await self.migrate()
+
+    @contextlib.contextmanager
+    def driver_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except IntegrityError:
+            raise
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise self.unavailable(exc) from None
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise self.unavailable(exc) from None
+            raise
+
+    def _insert(self) -> Any:
+        return sqlite_insert
+
+    # -- acquisition -----------------------------------------------------------------------
+
+    async def _create_run(self, new: NewRun) -> RunRecord | None:
+        now = utcnow()
+        values = dict(
+            run_id=new.run_id,
+            pipeline=new.pipeline,
+            status=str(RunStatus.RUNNING),
+            input=new.input,
+            input_hash=new.input_hash,
+            attempts=1,
+            lease_owner=new.owner,
+            lease_token=1,
+            lease_expires_at=now + dt.timedelta(seconds=new.lease_seconds),
+            event_seq=1,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self.transaction() as conn:
+            row = (
+                await conn.execute(
+                    sqlite_insert(RunRow)
+                    .values(**values)
+                    .on_conflict_do_nothing()
+                    .returning(*RunRow.__table__.c)
+                )
+            ).first()
+            if row is None:
+                return None
+            await append_event(
+                conn,
+                new.run_id,
+                1,
+                Event(EventKind.RUN_STARTED, data={"owner": new.owner, "pipeline": new.pipeline}),
+                at=now,
+            )
+        return run_from_mapping(row._mapping)
+
+    async def _take_over(self, new: NewRun) -> RunRecord | None:
+        now = utcnow()
+        async with self.transaction() as conn:
+            old = (
+                await conn.execute(
+                    select(RunRow.status, RunRow.lease_owner).where(RunRow.run_id == new.run_id)
+                )
+            ).first()
+            if old is None:
+                return None
+            row = (
+                await conn.execute(
+                    _TAKE_OVER,
+                    dict(
+                        run_id=new.run_id,
+                        pipeline=new.pipeline,
+                        owner=new.owner,
+                        expires=now + dt.timedelta(seconds=new.lease_seconds),
+                        now=now,
+                        input=new.input,
+                        input_hash=new.input_hash,
+                    ),
+                )
+            ).first()
+            if row is None:
+                return None
+            run = run_from_mapping(row._mapping)
+            kind = (
+                EventKind.LEASE_TAKEN_OVER
+                if old.status == RunStatus.RUNNING
+                else EventKind.RUN_RESUMED
+            )
+            data = {
+                "owner": new.owner,
+                "from_status": old.status,
+                "previous_owner": old.lease_owner,
+                "token": run.lease_token,
+            }
+            await append_event(conn, new.run_id, run.event_seq, Event(kind, data=data), at=now)
+        return run
+
+    # -- fenced writes ---------------------------------------------------------------------
+
+    async def write_step(
+        self,
+        lease: Lease,
+        step: StepRecord,
+        *,
+        events: Sequence[Event] = (),
+        usage: Sequence[UsageRecord] = (),
+        output_json: str | None = None,
+    ) -> None:
+        now = utcnow()
+        values = fields_of(step)
+        values.update(
+            run_id=lease.run_id,
+            started_at=values["started_at"] or now,
+            status=str(step.status),
+            replay=str(step.replay),
+        )
+        stmt = sqlite_insert(StepRow).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "name"],
+            set_={k: stmt.excluded[k] for k in values if k not in ("run_id", "name", "started_at")},
+        )
+        async with self.transaction() as conn:
+            seq = await fenced_bump(conn, lease, len(events))
+            await conn.execute(stmt)
+            await append_event(conn, lease.run_id, seq, *events, at=now)
+            await self._insert_usage(conn, lease.run_id, usage, now)
+
+    async def _insert_usage(
+        self, conn: Any, run_id: str, usage: Sequence[UsageRecord], now: dt.datetime
+    ) -> None:
+        if not usage:
+            return
+        stmt = sqlite_insert(UsageRow).on_conflict_do_nothing(
+            index_elements=["run_id", "dedupe_key"]
+        )
+        await conn.execute(stmt, [dict(fields_of(u), run_id=run_id, created_at=now) for u in usage])
+
+    async def record_usage(self, lease: Lease, usage: Sequence[UsageRecord]) -> None:
+        async with self.transaction() as conn:
+            await fenced_bump(conn, lease, 0)
+            await self._insert_usage(conn, lease.run_id, usage, utcnow())
+
+    async def append_state(self, lease: Lease, version: int, value: Any) -> None:
+        now = utcnow()
+        async with self.transaction() as conn:
+            seq = await fenced_bump(conn, lease, 1, state_version=version)
+            await conn.execute(
+                insert(StateRow).values(
+                    run_id=lease.run_id, version=version, value=value, created_at=now
+                )
+            )
+            await append_event(
+                conn,
+                lease.run_id,
+                seq,
+                Event(EventKind.STATE_SET, data={"version": version}),
+                at=now,
+            )
+
+    async def finish(
+        self,
+        lease: Lease,
+        status: RunStatus,
+        *,
+        output: Any = None,
+        error: Any = None,
+        event: Event,
+    ) -> None:
+        async with self.transaction() as conn:
+            seq = await fenced_bump(
+                conn,
+                lease,
+                1,
+                status=str(status),
+                output=output,
+                error=error,
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=utcnow() if status in TERMINAL_RUN_STATUSES else None,
+            )
+            await append_event(conn, lease.run_id, seq, event)
+
+    async def check_lease(self, lease: Lease) -> None:
+        async with self.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(RunRow.status, RunRow.lease_token).where(RunRow.run_id == lease.run_id)
+                )
+            ).first()
+        if row is None or row.status != RunStatus.RUNNING or row.lease_token != lease.token:
+            raise fence_error(lease, None if row is None else row.status)

@@ -1,0 +1,317 @@
+"""The ``Tidebase`` facade: the composition root that hands the engine a store and settings.
+
+Everything above it (the decorators, the worker, the CLI) goes through it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from . import _codec
+from ._engine import EngineSettings, Run, execute_run
+from ._errors import ConfigurationError
+from ._hashing import sha256_hex
+from ._ids import new_run_id, process_owner, validate_run_id
+from ._pricing import load_prices, parse_group_by, usage_report
+from ._store import (
+    DEFAULT_QUEUE,
+    EventRecord,
+    NewRun,
+    QueuedRun,
+    RunRecord,
+    StateVersion,
+    StepRecord,
+    Store,
+    UsageRecord,
+    get_store,
+    utcnow,
+)
+from ._store.queue import DEFAULT_MAX_ATTEMPTS
+from ._vocab import ReviewAction, RunStatus, parse
+
+
+def _sdk_installed() -> None:
+    # Load the Agents SDK integration when an application defines its pipelines or starts a
+    # run, before any lease is held: a first import inside a run would stall its heartbeat.
+    from ._sdk import install
+
+    install()
+
+
+def _seconds(value: float | dt.timedelta | None, what: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, dt.timedelta) else float(value or 0)
+    if seconds < 0:
+        raise ConfigurationError(f"{what} must not be negative")
+    return seconds
+
+
+def _deadline(value: dt.datetime | dt.timedelta | None, now: dt.datetime) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        return now + value
+    if value.tzinfo is None:
+        raise ConfigurationError("deadline must be a timezone-aware datetime or a timedelta")
+    return value
+
+
+def _check_name(value: str | None, what: str, *, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not 0 < len(value) <= 255:
+        raise ConfigurationError(f"{what} must be a string of 1 to 255 characters, got {value!r}")
+
+
+class Tidebase:
+    """Durable runs and steps in your own database (alias: ``AsyncTidebase``).
+
+    ``database_url`` defaults to ``$TIDEBASE_DATABASE_URL``, else an embedded SQLite file
+    ``./tidebase.db`` created and migrated on first use.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        lease_seconds: float = 30.0,
+        retry_backoff: float = 0.2,
+        max_payload_bytes: int = 16 * 1024 * 1024,
+        owner: str | None = None,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ConfigurationError("lease_seconds must be positive")
+        if max_payload_bytes <= 0 or retry_backoff < 0:
+            raise ConfigurationError("max_payload_bytes must be positive, retry_backoff >= 0")
+        self.database_url = database_url
+        self.settings = EngineSettings(
+            lease_seconds=float(lease_seconds),
+            retry_backoff=float(retry_backoff),
+            max_payload_bytes=int(max_payload_bytes),
+        )
+        self._owner = owner
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.lease_seconds
+
+    @property
+    def owner(self) -> str:
+        """Who this process's executions are recorded as holding their runs (per process)."""
+        return self._owner or process_owner()
+
+    @property
+    def store(self) -> Store:
+        """The store for this database on the running event loop."""
+        return get_store(self.database_url)
+
+    async def _open(self) -> Store:
+        store = self.store
+        await store.open()
+        return store
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        name: str,
+        fn: Callable[[Run, Any], Awaitable[Any]],
+        *,
+        run_id: str | None = None,
+        input: Any = None,
+    ) -> Any:
+        """Start or resume the run ``run_id`` of pipeline ``name``, calling ``fn(run, input)``.
+
+        A completed run returns its recorded result without calling ``fn`` (R7).
+        """
+        data = _codec.encode(input, what="pipeline input")
+        return await self._execute(
+            name,
+            run_id,
+            data,
+            sha256_hex(data, what="pipeline input"),
+            lambda run: fn(run, input),
+        )
+
+    async def _execute(
+        self,
+        pipeline: str,
+        run_id: str | None,
+        input_data: Any,
+        input_hash: str | None,
+        body: Callable[[Run], Awaitable[Any]],
+        *,
+        create: bool = True,
+        owner: str | None = None,
+        claim_token: int | None = None,
+    ) -> Any:
+        """Acquire the run, execute ``body`` under its lease, and record how it ended.
+
+        ``owner`` and ``claim_token`` let a worker execute a run it claimed from the queue.
+        """
+        if not isinstance(pipeline, str) or not pipeline:
+            raise ConfigurationError("pipeline name must be a non-empty string")
+        fresh_id = run_id is None
+        run_id = validate_run_id(new_run_id() if run_id is None else run_id)
+        _sdk_installed()
+        store = await self._open()
+        new = NewRun(
+            run_id=run_id,
+            pipeline=pipeline,
+            owner=owner or self.owner,
+            lease_seconds=self.settings.lease_seconds,
+            input=input_data,
+            input_hash=input_hash,
+        )
+        return await execute_run(
+            store,
+            self.settings,
+            new,
+            body,
+            create=create,
+            claim_token=claim_token,
+            fresh_id=fresh_id,
+        )
+
+    async def _enqueue(
+        self,
+        pipeline: str,
+        input_data: Any,
+        input_hash: str | None,
+        *,
+        run_id: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        dedupe_key: str | None = None,
+        priority: int = 0,
+        delay: float | dt.timedelta | None = None,
+        max_attempts: int | None = None,
+        deadline: dt.datetime | dt.timedelta | None = None,
+    ) -> str:
+        run_id = validate_run_id(run_id) if run_id is not None else new_run_id()
+        _check_name(queue, "queue", required=True)
+        _check_name(dedupe_key, "dedupe_key", required=False)
+        if max_attempts is not None and max_attempts < 1:
+            raise ConfigurationError("max_attempts must be at least 1")
+        now = utcnow()
+        store = await self._open()
+        return await store.enqueue(
+            QueuedRun(
+                run_id=run_id,
+                pipeline=pipeline,
+                input=input_data,
+                input_hash=input_hash,
+                queue=queue,
+                dedupe_key=dedupe_key,
+                priority=priority,
+                scheduled_at=now + dt.timedelta(seconds=_seconds(delay, "delay")),
+                max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
+                deadline=_deadline(deadline, now),
+            )
+        )
+
+    async def requeue(self, run_id: str, *, queue: str | None = None) -> RunStatus:
+        """Put an unfinished run back on its queue (or ``queue``), due now, for the workers."""
+        _check_name(queue, "queue", required=False)
+        return await (await self._open()).requeue(validate_run_id(run_id), queue=queue)
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> RunStatus:
+        """Cancel a run; its executor stops at its next step boundary (R12). Returns the run's
+        status afterwards (``cancelled``, or how it had already ended)."""
+        return await (await self._open()).cancel(validate_run_id(run_id), reason)
+
+    async def review_step(
+        self, run_id: str, step: str, action: ReviewAction | str, output: Any = None
+    ) -> StepRecord:
+        """Resolve a ``manual_review`` step: ``retry`` it, supply its ``output``, or ``fail`` it."""
+        act = parse(ReviewAction, action, "review action")
+        encoded = (
+            _codec.encode(output, what="reviewed output") if act == ReviewAction.OUTPUT else None
+        )
+        return await (await self._open()).review_step(validate_run_id(run_id), step, act, encoded)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run as stored (``RunNotFound`` if there is none)."""
+        return await (await self._open()).get_run(validate_run_id(run_id))
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | str | Sequence[RunStatus | str] = (),
+        pipeline: str | Sequence[str] = (),
+        queue: str | Sequence[str] = (),
+        since: dt.datetime | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        """Runs newest first; each filter takes one value or several (any of them matches)."""
+        statuses = [parse(RunStatus, s, "status") for s in _many(status)]
+        return await (await self._open()).list_runs(
+            statuses=statuses,
+            pipelines=_many(pipeline),
+            queues=_many(queue),
+            since=since,
+            limit=limit,
+        )
+
+    async def steps(self, run_id: str) -> list[StepRecord]:
+        """Every step checkpoint of a run, in the order they were first written."""
+        return list((await (await self._open()).load_steps(run_id)).values())
+
+    async def events(self, run_id: str) -> list[EventRecord]:
+        """A run's event log, oldest first (R11)."""
+        return await (await self._open()).get_events(run_id)
+
+    async def state_versions(self, run_id: str) -> list[StateVersion]:
+        """Every state version of a run, oldest first (R10)."""
+        return await (await self._open()).get_state(run_id)
+
+    async def usage_records(self, run_id: str) -> list[UsageRecord]:
+        """A run's usage ledger rows (R9)."""
+        return await (await self._open()).get_usage(run_id)
+
+    async def usage(
+        self,
+        by: str | Sequence[str] = ("pipeline", "model"),
+        *,
+        run_id: str | None = None,
+        pipeline: str | None = None,
+        since: dt.datetime | None = None,
+        prices: str | os.PathLike[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Token totals and cost grouped by any of ``run``, ``pipeline`` and ``model`` (R9).
+
+        Each row holds the group's keys, ``requests`` and ``input``/``output``/``cached``/
+        ``total`` tokens, ``records`` and ``cost_usd`` (None when a model has no price;
+        ``prices`` is a JSON price table overriding the built-in one).
+        """
+        keys = parse_group_by(by)
+        table = load_prices(prices)
+        totals = await (await self._open()).usage_totals(
+            keys, pipeline=pipeline, run_id=run_id, since=since
+        )
+        return usage_report(totals, keys, table)
+
+    # -- database --------------------------------------------------------------------------
+
+    async def migrate(self) -> tuple[str | None, str | None]:
+        """Run the packaged migrations; return the revisions before and after."""
+        store = self.store
+        before = await store.schema_revision()
+        await store.migrate()
+        return before, await store.schema_revision()
+
+    async def close(self) -> None:
+        """Let database calls in flight finish, then release this database's connections."""
+        await self.store.close()
+
+
+def _many(value: Any) -> list[Any]:
+    if value is None or value == ():
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+AsyncTidebase = Tidebase
