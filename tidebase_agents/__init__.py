@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from ._codec import register_types
 from ._engine import NotInRun, Run, current_run, idempotency_key
 from ._errors import (
     CheckpointSerializationError,
@@ -76,5 +77,6 @@ __all__ = [
     "current_run",
     "durable_tool",
     "idempotency_key",
+    "register_types",
     "run_worker",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ._codec import Walk
 from ._errors import CheckpointSerializationError
 
 
@@ -30,8 +31,14 @@ def canonical(value: Any, *, what: str = "value", path: str = "$") -> Any:
 
     Pydantic models dump in JSON mode, dataclasses as dicts of their fields, enums as their value,
     datetimes and dates as ISO 8601, bytes as base64, sets as sorted lists, tuples as lists.
-    Anything else raises :class:`CheckpointSerializationError` naming ``what`` and the path.
+    Anything else raises :class:`CheckpointSerializationError` naming ``what`` and the path, as
+    do values nested too deep or containing themselves.
     """
+    return _canonical(value, Walk(what), path, 0)
+
+
+def _canonical(value: Any, walk: Walk, path: str, depth: int) -> Any:
+    what = walk.what
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -43,28 +50,47 @@ def canonical(value: Any, *, what: str = "value", path: str = "$") -> Any:
             )
         return value
     if isinstance(value, enum.Enum):
-        return canonical(value.value, what=what, path=path)
+        return _canonical(value.value, walk, path, depth + 1)
     if isinstance(value, BaseModel):
-        return canonical(value.model_dump(mode="json"), what=what, path=path)
+        walk.enter(value, path, depth)
+        try:
+            dumped = value.model_dump(mode="json")
+        except (RecursionError, ValueError) as exc:
+            raise CheckpointSerializationError(f"{what}: at {path}: {exc}") from None
+        finally:
+            walk.leave(value)
+        return _canonical(dumped, walk, path, depth + 1)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: canonical(getattr(value, f.name), what=what, path=f"{path}.{f.name}")
-            for f in dataclasses.fields(value)
-        }
+        walk.enter(value, path, depth)
+        try:
+            return {
+                f.name: _canonical(getattr(value, f.name), walk, f"{path}.{f.name}", depth + 1)
+                for f in dataclasses.fields(value)
+            }
+        finally:
+            walk.leave(value)
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise CheckpointSerializationError(
-                    f"{what}: mapping key {k!r} at {path} is not a string"
-                )
-            out[k] = canonical(v, what=what, path=f"{path}.{k}")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [canonical(v, what=what, path=f"{path}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (set, frozenset)):
-        items = [canonical(v, what=what, path=f"{path}{{}}") for v in value]
-        return sorted(items, key=dumps)
+        walk.enter(value, path, depth)
+        try:
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise CheckpointSerializationError(
+                        f"{what}: mapping key {k!r} at {path} is not a string"
+                    )
+                out[k] = _canonical(v, walk, f"{path}.{k}", depth + 1)
+            return out
+        finally:
+            walk.leave(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        walk.enter(value, path, depth)
+        try:
+            if isinstance(value, (set, frozenset)):
+                items = [_canonical(v, walk, f"{path}{{}}", depth + 1) for v in value]
+                return sorted(items, key=dumps)
+            return [_canonical(v, walk, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        finally:
+            walk.leave(value)
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, dt.timedelta):
@@ -86,7 +112,14 @@ def dumps(value: Any) -> str:
 
 def sha256_hex(value: Any, *, what: str = "value") -> str:
     """SHA-256 (hex) of the canonical JSON of ``value``."""
-    return hashlib.sha256(dumps(canonical(value, what=what)).encode("utf-8")).hexdigest()
+    text = dumps(canonical(value, what=what))
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointSerializationError(
+            f"{what}: contains a lone surrogate, which has no UTF-8 form"
+        ) from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def parts_hash(parts: Mapping[str, Any], *, what: str = "value") -> tuple[str, dict[str, str]]:

@@ -60,6 +60,7 @@ class CheckpointedPipeline(Generic[P, R]):
         if tide is not None and (database_url is not None or lease_seconds is not None):
             raise TypeError("pass either tide= or database_url=/lease_seconds=, not both")
         self.fn = fn
+        _codec.register_annotations(fn)
         self.name = name
         if tide is None:
             tide = (

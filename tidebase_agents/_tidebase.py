@@ -126,6 +126,7 @@ class Tidebase:
 
         A completed run returns its recorded result without calling ``fn`` (R7).
         """
+        _codec.register_annotations(fn)
         data = _codec.encode(input, what="pipeline input")
         return await self._execute(
             name,

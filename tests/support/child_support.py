@@ -31,7 +31,7 @@ from agentkit_common import log_line
 from agentkit_common import read_lines as read_lines
 from pydantic import BaseModel
 
-from tidebase_agents import RunLocked, Tidebase, TidebaseError
+from tidebase_agents import RunLocked, Tidebase, TidebaseError, register_types
 
 TESTS_DIR = Path(__file__).parent
 CHILD_CODE = "import child_support, sys; child_support.main(sys.argv[1:])"
@@ -56,6 +56,10 @@ class Box:
 class Color(enum.Enum):
     RED = "red"
     BLUE = "blue"
+
+
+# Their steps return them from lambdas, which carry no annotations to register them by.
+register_types(Point, Box, Color)
 
 
 # -- small shared helpers ----------------------------------------------------------------------

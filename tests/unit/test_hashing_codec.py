@@ -13,6 +13,7 @@ import enum
 import hashlib
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,15 +217,83 @@ def test_codec_rejects_unsupported_values_with_the_path() -> None:
 
 
 def test_codec_never_imports_code_named_by_a_checkpoint() -> None:
-    """Decoding resolves classes only among modules already imported; it never imports."""
+    """Decoding resolves classes only among registered checkpoint types; it never imports."""
     import sys
 
     name = "tidebase_test_never_imported_module"
     data = {"$t": "pydantic", "cls": f"{name}:Evil", "v": {}}
-    with pytest.raises(CheckpointSerializationError, match="not imported"):
+    with pytest.raises(CheckpointSerializationError, match="not a registered checkpoint type"):
         decode(data)
     assert name not in sys.modules
     with pytest.raises(CheckpointSerializationError):
         decode({"$t": "pydantic", "cls": "child_support:DoesNotExist", "v": {}})
     with pytest.raises(CheckpointSerializationError):
         decode({"$t": "no-such-tag", "v": 1})
+
+
+@pytest.mark.parametrize("tag", ["enum", "dataclass", "pydantic"])
+@pytest.mark.parametrize(
+    "cls", ["subprocess:Popen", "os:system", "builtins:eval", "pathlib:Path", "child_support:Box"]
+)
+def test_a_checkpoint_naming_an_unregistered_class_constructs_nothing(
+    tag: str, cls: str, tmp_path: Path
+) -> None:
+    """R14: whatever construct names a class the process did not register, nothing is built."""
+    import child_support  # noqa: F401  (a registered module: only its registered types count)
+
+    marker = tmp_path / "pwned"
+    value: Any = ["touch", str(marker)]
+    if tag != "enum":
+        value = {"args": ["touch", str(marker)]}
+    if cls == "child_support:Box" and tag == "dataclass":
+        return  # registered: constructing it is the point of registering
+    with pytest.raises(CheckpointSerializationError):
+        decode({"$t": tag, "cls": cls, "v": value})
+    assert not marker.exists()
+    with pytest.raises(CheckpointSerializationError):
+        decode({"$t": tag, "cls": cls.replace(":", ".")})
+
+
+def test_encoding_an_unregistered_class_fails_at_once_naming_the_fix() -> None:
+    @dataclasses.dataclass
+    class Unregistered:
+        x: int
+
+    with pytest.raises(CheckpointSerializationError, match="register_types"):
+        encode(Unregistered(1), what="output of step 's'")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _nested(10_000),
+        lambda: _self_containing(),
+    ],
+    ids=["deep", "cycle"],
+)
+def test_deep_and_self_containing_values_fail_with_the_librarys_error(make: Any) -> None:
+    value = make()
+    with pytest.raises(CheckpointSerializationError):
+        encode(value)
+    with pytest.raises(CheckpointSerializationError):
+        sha256_hex(value)
+    with pytest.raises(CheckpointSerializationError):
+        canonical(value)
+
+
+def test_deep_checkpoint_data_fails_decoding_with_the_librarys_error() -> None:
+    with pytest.raises(CheckpointSerializationError, match="deeper"):
+        decode(_nested(10_000))
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _self_containing() -> Any:
+    value: dict[str, Any] = {}
+    value["me"] = value
+    return value

@@ -792,7 +792,6 @@ STATE_UPDATES: dict[str, Any] = {
     "prompt_cache_key": lambda _s: {"generated_prompt_cache_key": "agents-sdk:run:abc"},
     "reasoning_policy": lambda _s: {"reasoning_item_id_policy": "omit"},
     "trace": lambda _s: {"trace": {"id": "trace_0123", "workflow_name": "wf"}},
-    "sandbox": lambda _s: {"sandbox": {}},
     "persisted_count": lambda _s: {"current_turn_persisted_item_count": 1},
     "original_input": lambda _s: {"original_input": "rewritten by a handoff filter"},
     "nested_history_refs": lambda s: {"nested_history_owned_session_item_refs": owned_ref(s)},
@@ -822,6 +821,35 @@ async def test_recorded_run_state_fields_survive_into_to_state(case: str) -> Non
     for result in (replayed, streamed):
         state = result.to_state().to_json()
         assert {key: state.get(key) for key in updates} == updates
+
+
+async def test_a_checkpoint_with_a_sandbox_section_is_refused_and_never_written() -> None:
+    # R14: reading a sandbox section makes the SDK import its sandbox extension modules
+    payload = await echo_payload()
+    assert "sandbox" not in payload["state"]
+    payload["state"]["sandbox"] = {"manifest": {"entries": {}}}
+    with pytest.raises(CheckpointSerializationError, match="unexpected keys"):
+        await sdk_codec.decode_result(payload, Agent(name="a"), None)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda p: "just a string",
+        lambda p: {**p, "state": "not an object"},
+        lambda p: {**p, "final_output": {"kind": "typed"}},
+        lambda p: {**p, "final_output": []},
+        lambda p: {k: v for k, v in p.items() if k != "input"},
+        lambda p: {**p, "state": {**p["state"], "generated_items": [{"type": "evil_item"}]}},
+    ],
+    ids=["string", "state", "final_output_keys", "final_output_type", "missing_key", "items"],
+)
+async def test_a_tampered_agent_checkpoint_raises_checkpoint_serialization_error(
+    tamper: Any,
+) -> None:
+    payload = await echo_payload()
+    with pytest.raises(CheckpointSerializationError):
+        await sdk_codec.decode_result(tamper(payload), Agent(name="a"), None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import _codec
-from .._errors import CheckpointSerializationError, PayloadTooLarge
+from .._errors import PayloadTooLarge
 from .._store import NewRun, Store
 from .executor import Executor
 from .run import Run, run_var
@@ -21,10 +21,7 @@ log = logging.getLogger("tidebase_agents")
 
 def check_input_size(input_data: Any, limit: int, pipeline: str) -> None:
     """Refuse pipeline arguments that cannot be stored, before anything is written (R13)."""
-    try:
-        size = len(_codec.dump_json(input_data).encode("utf-8"))
-    except ValueError as exc:
-        raise CheckpointSerializationError(f"input of pipeline {pipeline!r}: {exc}") from None
+    size = len(_codec.checked_json(input_data, f"input of pipeline {pipeline!r}").encode("utf-8"))
     if size > limit:
         raise PayloadTooLarge(
             f"input of pipeline {pipeline!r} is {size} bytes as JSON, over the limit of {limit} "

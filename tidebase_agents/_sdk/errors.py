@@ -110,9 +110,29 @@ def raise_recorded_error(
     None. If ``context`` is a ``RunContextWrapper`` the recorded usage is added to it, as the
     original run did (a failed nested run still spent its parent's tokens).
     """
+    if not isinstance(record, Mapping):
+        raise CheckpointSerializationError("recorded agent error is not an object")
     cls = _ERRORS_BY_NAME.get(str(record.get("type")))
     if cls is None:
         raise CheckpointSerializationError(f"unknown recorded agent error {record.get('type')!r}")
+    try:
+        error = _rebuild(cls, record, context, starting_agent)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointSerializationError(
+            f"recorded agent error is malformed: {type(exc).__name__}: {exc}"
+        ) from None
+    # The SDK's messages name the guardrail's class; keep the recorded text even though the
+    # stand-in guardrail's class may differ from a user subclass.
+    error.args = (str(record.get("message", "")),)
+    raise error
+
+
+def _rebuild(
+    cls: type[Exception],
+    record: Mapping[str, Any],
+    context: Any,
+    starting_agent: Agent[Any] | None,
+) -> Exception:
     if isinstance(context, RunContextWrapper) and record.get("usage"):
         merge_usage_into(context, deserialize_usage(record["usage"]))
     message = str(record["message"])
@@ -130,9 +150,8 @@ def raise_recorded_error(
         output = GuardrailFunctionOutput(output_info=record["output_info"], tripwire_triggered=True)
         agent = starting_agent
         if starting_agent is not None:
-            agent = _build_agent_map(starting_agent).get(
-                record["agent"], starting_agent
-            )  # SDK private
+            agents_by_name = _build_agent_map(starting_agent)  # SDK private
+            agent = agents_by_name.get(record["agent"], starting_agent)
         error = OutputGuardrailTripwireTriggered(
             OutputGuardrailResult(
                 guardrail=OutputGuardrail(guardrail_function=_returning(output), name=name),
@@ -153,7 +172,4 @@ def raise_recorded_error(
         )
     else:
         error = MaxTurnsExceeded(message)
-    # The SDK's messages name the guardrail's class; keep the recorded text even though the
-    # stand-in guardrail's class may differ from a user subclass.
-    error.args = (message,)
-    raise error
+    return error

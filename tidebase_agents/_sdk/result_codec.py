@@ -9,6 +9,7 @@ Most of what a result carries beyond its public fields lives in private ``RunSta
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
@@ -95,12 +96,12 @@ def _encode_final_output(agent: Agent[Any], value: Any) -> dict[str, Any]:
 
 
 def _decode_final_output(agent: Agent[Any], encoded: Mapping[str, Any]) -> Any:
-    kind = encoded["kind"]
-    if kind == "none":
-        return None
-    if kind in ("text", "json"):
-        return encoded["value"]
+    kind = encoded.get("kind")
     try:
+        if kind == "none":
+            return None
+        if kind in ("text", "json"):
+            return encoded["value"]
         if kind == "typed":
             adapter = _output_adapter(agent)
             if adapter is not None:
@@ -112,9 +113,14 @@ def _decode_final_output(agent: Agent[Any], encoded: Mapping[str, Any]) -> Any:
             f"recorded final output no longer validates against the output_type of agent "
             f"{agent.name!r}: {exc}"
         ) from exc
+    except Exception as exc:  # a missing key, or a custom schema's own failure
+        raise CheckpointSerializationError(
+            f"recorded final output of agent {agent.name!r} is malformed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
     raise CheckpointSerializationError(
-        f"recorded final output ({kind}) does not fit agent {agent.name!r}, whose output_type "
-        f"is now {agent.output_type!r}"
+        f"recorded final output ({kind!r}) does not fit agent {agent.name!r}, whose "
+        f"output_type is now {agent.output_type!r}"
     )
 
 
@@ -134,7 +140,7 @@ def encode_result(result: RunResult | RunResultStreaming) -> dict[str, Any]:
             "input": result.input
             if isinstance(result.input, str)
             else run_input_json(result.input),
-            "state": blanked_state_json(checkpoint_state(result)),
+            "state": _without_sandbox(blanked_state_json(checkpoint_state(result))),
             "final_output": _encode_final_output(agent, result.final_output),
             "replay_from_model_input_items": bool(
                 result._replay_from_model_input_items
@@ -150,27 +156,114 @@ def encode_result(result: RunResult | RunResultStreaming) -> dict[str, Any]:
     return payload
 
 
-async def restore_state(
-    payload: Mapping[str, Any], starting_agent: Agent[Any], context: Any
-) -> tuple[RunState[Any], RunContextWrapper[Any]]:
-    """The recorded RunState bound to the live agent graph, and the result's context wrapper."""
+def _without_sandbox(state_json: dict[str, Any]) -> dict[str, Any]:
+    # A sandbox section only matters to resume a run inside its sandbox, which a replayed
+    # result never does; reading one back makes the SDK import its sandbox extensions.
+    state_json.pop("sandbox", None)
+    return state_json
+
+
+#: The top-level keys ``RunState.to_json`` writes (schema 1.21), ``sandbox`` left out.
+_STATE_KEYS = frozenset(
+    {
+        "$schemaVersion",
+        "auto_previous_response_id",
+        "context",
+        "conversation_id",
+        "current_agent",
+        "current_response_generated_item_ownership",
+        "current_step",
+        "current_turn",
+        "current_turn_persisted_item_count",
+        "generated_items",
+        "generated_prompt_cache_key",
+        "generated_session_item_indexes",
+        "input_guardrail_results",
+        "last_model_response",
+        "last_processed_response",
+        "max_turns",
+        "model_responses",
+        "nested_history_owned_session_item_refs",
+        "no_active_agent_run",
+        "original_input",
+        "output_guardrail_results",
+        "pending_input",
+        "pending_session_write",
+        "previous_response_id",
+        "reasoning_item_id_policy",
+        "session_items",
+        "terminal_unrecoverable",
+        "tool_input_guardrail_results",
+        "tool_output_guardrail_results",
+        "tool_use_tracker",
+        "trace",
+    }
+)
+_PAYLOAD_KEYS = frozenset(
+    {"codec", "sdk", "input", "state", "final_output", "replay_from_model_input_items"}
+)
+
+
+def _shape_error(what: str) -> CheckpointSerializationError:
+    return CheckpointSerializationError(f"agent checkpoint is malformed: {what}")
+
+
+def _check_payload(payload: Any) -> dict[str, Any]:
+    """Refuse what :func:`encode_result` never writes, before the SDK sees any of it."""
+    if not isinstance(payload, dict):
+        raise _shape_error(f"expected an object, found {type(payload).__name__}")
     if payload.get("codec") != CODEC_VERSION:
         raise CheckpointSerializationError(
             f"checkpoint codec {payload.get('codec')!r} is not supported (expected {CODEC_VERSION})"
         )
+    if set(payload) != _PAYLOAD_KEYS:
+        raise _shape_error(
+            f"keys {sorted(set(payload) ^ _PAYLOAD_KEYS)} differ from a checkpoint's"
+        )
+    state = payload["state"]
+    if not isinstance(state, dict):
+        raise _shape_error("its state is not an object")
+    unknown = set(state) - _STATE_KEYS
+    if unknown:
+        raise _shape_error(f"its state has unexpected keys {sorted(unknown)}")
+    if not isinstance(payload["final_output"], dict):
+        raise _shape_error("its final output is not an object")
+    return payload
+
+
+async def restore_state(
+    payload: Mapping[str, Any], starting_agent: Agent[Any], context: Any
+) -> tuple[RunState[Any], RunContextWrapper[Any]]:
+    """The recorded RunState bound to the live agent graph, and the result's context wrapper."""
+    checked = _check_payload(payload)
+    state_json = checked["state"]
     live_value = context.context if isinstance(context, RunContextWrapper) else context
     try:
         state = await RunState.from_json(
             starting_agent,
-            dict(payload["state"]),  # from_json rewrites top-level keys (sandbox sanitizing)
+            dict(state_json),  # from_json rewrites top-level keys (sandbox sanitizing)
             # from_json only accepts a plain RunContextWrapper, hence the wrap.
             context_override=RunContextWrapper(context=live_value),
         )
+    except asyncio.CancelledError:
+        raise  # the SDK's redacted cancellation is also an Exception: let it be a cancellation
     except Exception as exc:
         raise CheckpointSerializationError(
             f"checkpoint cannot be restored against the agent graph of {starting_agent.name!r}: "
-            f"{exc}"
-        ) from exc
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    for key, restored_items in (
+        ("generated_items", state._generated_items),  # SDK private
+        ("session_items", state._session_items),  # SDK private
+    ):
+        recorded = state_json.get(key)
+        if isinstance(recorded, list) and len(recorded) != len(restored_items):
+            # The SDK drops items of an unknown type or naming an agent it cannot find.
+            raise CheckpointSerializationError(
+                f"checkpoint of {starting_agent.name!r}: {len(restored_items)} of "
+                f"{len(recorded)} {key} could be restored (an unknown item type, or an agent "
+                f"missing from the live graph)"
+            )
     restored = cast(RunContextWrapper[Any], state._context)  # SDK private; from_json always sets it
     if not isinstance(context, RunContextWrapper):
         return state, restored

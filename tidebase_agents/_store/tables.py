@@ -29,6 +29,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .._errors import CheckpointSerializationError
 from .._vocab import ACTIVE_RUN_STATUSES, ReplayPolicy, sql_list
 
 #: Alembic revision the models correspond to; a database at another revision is not migrated.
@@ -57,7 +58,33 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value
 
 
-JSONType = JSON().with_variant(JSONB(), "postgresql")
+class StoredJSON(TypeDecorator[Any]):
+    """JSON whose stored text failed to parse raises the library's own error.
+
+    PostgreSQL's JSONB cannot hold invalid JSON; an SQLite file can, if someone edits it.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        inner = self.impl_instance.result_processor(dialect, coltype)
+        if inner is None:
+            return None
+
+        def process(value: Any) -> Any:
+            try:
+                return inner(value)
+            except (ValueError, RecursionError) as exc:
+                raise CheckpointSerializationError(
+                    f"a stored checkpoint is not valid JSON ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}); it was changed outside the library"
+                ) from None
+
+        return process
+
+
+JSONType = StoredJSON().with_variant(JSONB(), "postgresql")
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 _naming = {
