@@ -94,6 +94,7 @@ class EventKind(Vocab):
     STEP_STARTED = "step_started"
     STEP_COMPLETED = "step_completed"
     STEP_IN_DOUBT = "step_in_doubt"
+    STEP_KEY_READ = "step_key_read"
     STEP_FAILED = "step_failed"
     STEP_FAILED_RETRYABLE = "step_failed_retryable"
     STEP_MANUAL_REVIEW = "step_manual_review"

@@ -180,7 +180,8 @@ async def test_r6_runs_ending_with_writes_in_flight_let_the_process_exit(db_url:
     report = (await finish(proc, timeout=180)).report
     assert report["outcome"] == "ok"
     assert len(report["outcomes"]) == iterations
-    assert set(report["outcomes"]) <= {"ok", "LeaseLost"}
+    # With a 0.1 s lease a write may also give up waiting: its wait is bounded by the lease.
+    assert set(report["outcomes"]) <= {"ok", "LeaseLost", "DatabaseUnavailable"}
 
     async def body(run: Any, inp: Any) -> int:
         return sum(await asyncio.gather(*(run.step(f"s{k}", lambda k=k: k) for k in range(60))))

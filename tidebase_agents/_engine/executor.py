@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .._codec import dump_json
+from .._codec import checked_json
 from .._errors import (
     CheckpointSerializationError,
     LeaseLost,
@@ -28,6 +28,7 @@ from .._errors import (
     StepNeedsReview,
     TidebaseError,
 )
+from .._ids import validate_step_name
 from .._store import (
     Acquired,
     Event,
@@ -59,13 +60,21 @@ log = logging.getLogger("tidebase_agents")
 #: step boundary: back-to-back steps skip a read. A cancellation committed in that window can
 #: let one more step without side effects run; its checkpoint is refused all the same.
 BOUNDARY_REUSE = 0.0005
+#: The shortest wait a database call gets, even when the lease is about to run out.
+MIN_WAIT = 0.05
+
+
+def storable_text(text: str, limit: int = 4000) -> str:
+    """``text`` cut to ``limit`` characters, with NUL characters and lone surrogates (which
+    no database stores) escaped."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\0")
 
 
 def error_record(exc: BaseException, step: str | None = None) -> dict[str, Any]:
-    """How an error is stored: its qualified type and (bounded) message."""
+    """How an error is stored: its qualified type and (bounded, storable) message."""
     record: dict[str, Any] = {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc)[:4000],
+        "message": storable_text(str(exc)),
     }
     if step is not None:
         record["step"] = step
@@ -124,6 +133,11 @@ class Executor:
         """Names of recorded steps starting with ``prefix``."""
         return [name for name in self._steps if name.startswith(prefix)]
 
+    def _remaining(self) -> float:
+        """How long a database call may wait: until the lease could pass to another executor
+        (a floor keeps a call that is due at once from failing without trying)."""
+        return max(self._lease_deadline - time.monotonic(), MIN_WAIT)
+
     def check_live(self) -> None:
         """Raise if this executor may no longer write: its lease is lost or past its deadline."""
         if self._lost is not None:
@@ -142,6 +156,7 @@ class Executor:
         :class:`StepFailed` before anything runs or is written.
         """
         self.check_live()
+        validate_step_name(spec.name)
         rec = self._steps.get(spec.name)
         if rec is None:
             return Decision(DecisionKind.EXECUTE)
@@ -209,10 +224,12 @@ class Executor:
             # The step boundary: a run cancelled or taken over since this executor's last
             # write must not run another step (R6, R12). A side-effecting step's intent
             # record below is fenced and checks the same.
-            await self._guarded(self.store.check_lease(self.lease))
+            await self._guarded(self.store.check_lease(self.lease, timeout=self._remaining()))
             self._confirmed_at = time.monotonic()
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())
         if spec.side_effects:
+            if not spec.keyed and spec.tool_call is not None:
+                spec.tool_call.on_first_read = lambda: self._key_read(spec.name)
             kind = EventKind.STEP_IN_DOUBT if decision.in_doubt else EventKind.STEP_STARTED
             data = (
                 {"action": "reexecute", "idempotency_key": spec.idempotency_key}
@@ -332,6 +349,24 @@ class Executor:
                 out = await out
             return out
 
+    def _key_read(self, step: str) -> None:
+        # May run on a sync tool's worker thread.
+        self.loop.call_soon_threadsafe(
+            lambda: self.track(self.loop.create_task(self._mark_keyed(step)))
+        )
+
+    async def _mark_keyed(self, step: str) -> None:
+        log.warning(
+            "step %s of run %s read idempotency_key() although its tool did not appear to; "
+            "recording it as keyed",
+            step,
+            self.run_id,
+        )
+        try:
+            await self._guarded(self.store.mark_keyed(self.lease, step))
+        except Exception as exc:  # the record stays unkeyed: a crash now parks it for review
+            log.warning("could not record step %s as keyed: %s", step, exc)
+
     def _classify(self, spec: StepSpec, keyed: bool) -> StepStatus:
         """Final-failure classification (R3)."""
         if spec.replay == ReplayPolicy.MANUAL or (spec.side_effects and not keyed):
@@ -383,7 +418,12 @@ class Executor:
         self.check_live()
         await self._guarded(
             self.store.write_step(
-                self.lease, record, events=events, usage=usage, output_json=output_json
+                self.lease,
+                record,
+                events=events,
+                usage=usage,
+                output_json=output_json,
+                timeout=self._remaining(),
             )
         )
         self._confirmed_at = time.monotonic()
@@ -391,10 +431,7 @@ class Executor:
 
     def serialize(self, what: str, encoded: Any) -> str:
         """The checkpoint's JSON text, checked against the size limit (R13)."""
-        try:
-            text = dump_json(encoded)
-        except ValueError as exc:
-            raise CheckpointSerializationError(f"{what} cannot be stored as JSON: {exc}") from None
+        text = checked_json(encoded, what)
         size = len(text.encode("utf-8"))
         limit = self.settings.max_payload_bytes
         if size > limit:
@@ -416,7 +453,9 @@ class Executor:
                 return version
             self.check_live()
             self.serialize(f"state version {version}", doc)
-            await self._guarded(self.store.append_state(self.lease, version, doc))
+            await self._guarded(
+                self.store.append_state(self.lease, version, doc, timeout=self._remaining())
+            )
             self.record = dataclasses.replace(self.record, state_version=version)
             self._state_value, self._state_loaded = doc, True
             return version
@@ -431,7 +470,7 @@ class Executor:
 
     async def record_usage(self, usage: UsageRecord) -> None:
         self.check_live()
-        await self._guarded(self.store.record_usage(self.lease, [usage]))
+        await self._guarded(self.store.record_usage(self.lease, [usage], timeout=self._remaining()))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -455,7 +494,7 @@ class Executor:
             await asyncio.sleep(self.settings.heartbeat_interval)
             self._renewing = True
             try:
-                await self.store.heartbeat(self.lease, seconds)
+                await self.store.heartbeat(self.lease, seconds, timeout=self._remaining())
             except (LeaseLost, RunCancelled) as exc:
                 self._lost = exc
                 return
@@ -498,6 +537,7 @@ class Executor:
                 status,
                 error=error_record(exc),
                 event=Event(EVENT_OF_RUN_END[status], data=error_record(exc)),
+                timeout=self._remaining(),
             )
 
     async def complete(self, output: Any) -> None:
@@ -511,5 +551,6 @@ class Executor:
                     EventKind.RUN_COMPLETED,
                     data={"executed": len(self.executed), "replayed": len(self.replayed)},
                 ),
+                timeout=self._remaining(),
             )
         )

@@ -81,6 +81,7 @@ class Run:
                 f"unique within a run (include what varies, e.g. f'fetch:{{url}}')"
             )
         scope.claimed.add(full)
+        _codec.register_annotations(fn)
 
         def encode(value: Any) -> Any:
             if is_reentrant(value):
@@ -237,5 +238,8 @@ def idempotency_key() -> str:
             "idempotency_key() was called outside a durable tool call; call it from the body of "
             "a @durable_tool running inside a pipeline"
         )
-    call.key_read = True
+    if not call.key_read:
+        call.key_read = True
+        if call.on_first_read is not None:
+            call.on_first_read()
     return call.key

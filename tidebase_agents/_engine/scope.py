@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 
@@ -53,6 +54,9 @@ class ToolCall:
     explicit: bool = False
     #: The body read ``idempotency_key()`` (R3: only then is an unkeyed tool keyed).
     key_read: bool = False
+    #: Called at the first read when the intent record says the step is unkeyed: decoration
+    #: could not see the read, and the record must learn it before the external call is made.
+    on_first_read: Callable[[], None] | None = None
 
 
 scope_var: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(

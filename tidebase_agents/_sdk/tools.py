@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import types
@@ -11,6 +12,7 @@ from typing import Any, TypeVar, overload
 
 from agents import RunContextWrapper
 
+from .._codec import register_annotations
 from .._engine import (
     RUN_CONTROL,
     Executor,
@@ -19,8 +21,9 @@ from .._engine import (
     ToolCall,
     active_executor,
     current_scope,
+    idempotency_key,
 )
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, TidebaseError
 from .._hashing import sha256_hex
 from .._ids import derive_idempotency_key
 from .._vocab import HALTING_STEP_STATUSES, ReplayPolicy, parse
@@ -29,19 +32,59 @@ from .tool_signature import inject_context_parameter, takes_context
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: How many calls deep the keyedness analysis follows the application's helper functions.
+_KEY_SEARCH_DEPTH = 4
+
+
 def _reads_idempotency_key(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn``'s code (nested functions included) refers to ``idempotency_key``.
+    """Whether ``fn`` reads ``idempotency_key()``: under that name or an alias (a global or a
+    closure variable bound to it), as an attribute of a module that exports it, in a nested
+    function, or in a helper function of the application's own package that it calls
+    (followed a few calls deep).
 
     Decided once at decoration: a step's intent record must say whether it is keyed before the
-    body runs, so that a crash inside it can be resolved without a human (R5).
+    body runs, so that a crash inside it can be resolved without a human (R5). A read this
+    cannot see (behind a dynamic dispatch) is caught when it happens (``ToolCall``).
     """
-    code = getattr(inspect.unwrap(fn), "__code__", None)
-    stack = [code] if code is not None else []
-    while stack:
-        current = stack.pop()
-        if "idempotency_key" in current.co_names:
-            return True
-        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    root = inspect.unwrap(fn)
+    package = str(getattr(root, "__module__", "")).split(".")[0]
+    seen: set[int] = set()
+    pending: list[tuple[Any, int]] = [(root, 0)]
+    while pending:
+        func, depth = pending.pop()
+        code = getattr(func, "__code__", None)
+        if not isinstance(code, types.CodeType) or id(func) in seen:
+            continue
+        seen.add(id(func))
+        namespace: dict[str, Any] = dict(getattr(func, "__globals__", {}))
+        cells = getattr(func, "__closure__", None) or ()
+        for name, cell in zip(code.co_freevars, cells, strict=False):
+            with contextlib.suppress(ValueError):  # a cell not filled yet
+                namespace[name] = cell.cell_contents
+        codes = [code]
+        while codes:
+            current = codes.pop()
+            names = (*current.co_names, *current.co_freevars)
+            values = [namespace.get(name) for name in names]
+            if any(value is idempotency_key for value in values):
+                return True
+            if "idempotency_key" in current.co_names and any(
+                isinstance(v, types.ModuleType)
+                and getattr(v, "idempotency_key", None) is idempotency_key
+                for v in values
+            ):
+                return True  # module.idempotency_key()
+            if depth < _KEY_SEARCH_DEPTH:
+                for value in values:
+                    helper = getattr(value, "__func__", value)  # bound methods
+                    if isinstance(helper, functools.partial):
+                        helper = helper.func
+                    if (
+                        isinstance(helper, types.FunctionType)
+                        and str(helper.__module__).split(".")[0] == package
+                    ):
+                        pending.append((helper, depth + 1))
+            codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
     return False
 
 
@@ -60,6 +103,7 @@ class _DurableTool:
         if retries < 0:
             raise ConfigurationError("retries must be >= 0")
         self.fn = fn
+        register_annotations(fn)
         self.side_effects = list(side_effects) if side_effects else None
         self.retries = retries
         self.key_fn = key_fn
@@ -119,15 +163,16 @@ class _DurableTool:
 def _stop_if_halting(ex: Executor, spec: StepSpec, context: Any, error: Exception) -> None:
     """Raise :class:`StopRun` if the tool's failure must end the agent run.
 
-    The SDK hands a tool's error to the model and lets the agent go on. That is right for an
-    ordinary failure, but not when the run must stop: the step needs review or failed for good
-    (else the model could call the tool again and repeat an external write), or the lease was
-    lost or the run cancelled.
+    The SDK hands a tool's error to the model and lets the agent go on. That is right for the
+    tool's own failures, but not when the run must stop (R15): the step needs review or failed
+    for good, or the library's own machinery failed (a checkpoint write, the database, the
+    lease, an output that cannot be checkpointed: any ``TidebaseError``). Told to try again,
+    the model would call the tool anew, under a new idempotency key.
     """
     if context is None:
         return  # called directly from pipeline code, not by the SDK
     record = ex.recorded(spec.name)
-    if isinstance(error, RUN_CONTROL) or (
+    if isinstance(error, (*RUN_CONTROL, TidebaseError)) or (
         record is not None and record.status in HALTING_STEP_STATUSES
     ):
         raise StopRun(error) from error

@@ -303,6 +303,7 @@ class Store(QueueOps, abc.ABC):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         """Insert or update a step under the lease, with its events and usage, in one commit.
 
@@ -310,11 +311,15 @@ class Store(QueueOps, abc.ABC):
         """
 
     @abc.abstractmethod
-    async def record_usage(self, lease: Lease, usage: Sequence[UsageRecord]) -> None:
+    async def record_usage(
+        self, lease: Lease, usage: Sequence[UsageRecord], *, timeout: float | None = None
+    ) -> None:
         """Record usage under the lease; records whose dedupe key exists are skipped (R9)."""
 
     @abc.abstractmethod
-    async def append_state(self, lease: Lease, version: int, value: Any) -> None:
+    async def append_state(
+        self, lease: Lease, version: int, value: Any, *, timeout: float | None = None
+    ) -> None:
         """Append state version ``version`` under the lease (R10)."""
 
     @abc.abstractmethod
@@ -326,19 +331,37 @@ class Store(QueueOps, abc.ABC):
         output: Any = None,
         error: Any = None,
         event: Event,
+        timeout: float | None = None,
     ) -> None:
         """End the execution: complete, fail, or park the run, and release its lease."""
 
     @abc.abstractmethod
-    async def check_lease(self, lease: Lease) -> None:
+    async def check_lease(self, lease: Lease, *, timeout: float | None = None) -> None:
         """Raise ``RunCancelled`` or ``LeaseLost`` unless ``lease`` still holds a running run."""
 
-    async def heartbeat(self, lease: Lease, lease_seconds: float) -> None:
+    async def heartbeat(
+        self, lease: Lease, lease_seconds: float, *, timeout: float | None = None
+    ) -> None:
         """Extend the lease; raises ``LeaseLost`` or ``RunCancelled`` when it is gone."""
         async with self.transaction() as conn:
             await fenced_bump(
                 conn, lease, 0, lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds)
             )
+
+    async def mark_keyed(self, lease: Lease, step: str) -> None:
+        """Record that a step's intent record is keyed, if it is still running (R5)."""
+        async with self.transaction() as conn:
+            seq = await fenced_bump(conn, lease, 1)
+            await conn.execute(
+                update(StepRow)
+                .where(
+                    StepRow.run_id == lease.run_id,
+                    StepRow.name == step,
+                    StepRow.status == StepStatus.RUNNING,
+                )
+                .values(keyed=True)
+            )
+            await append_event(conn, lease.run_id, seq, Event(EventKind.STEP_KEY_READ, step))
 
     async def listen(self, callback: Callable[[str], None]) -> Listener | None:
         """Call ``callback(queue)`` when a run is enqueued; None if this database cannot push."""

@@ -11,18 +11,19 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import asyncpg
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .._config import redact
-from .._errors import SchemaNotMigrated
+from .._errors import CheckpointSerializationError, SchemaNotMigrated, TidebaseError
 from .._vocab import TERMINAL_RUN_STATUSES, EventKind, RunStatus
 from . import sql
 from .base import Listener, Store
@@ -40,6 +41,10 @@ from .records import (
 from .rows import fence_error
 from .tables import SCHEMA_REVISION
 
+#: Seconds to wait for a new connection, and for any statement that has no tighter bound
+#: (fenced writes wait no longer than the executor's lease has left).
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 30.0
 #: PostgreSQL ``NOTIFY`` channel on which enqueues wake workers; the payload is the queue.
 NOTIFY_CHANNEL = "tidebase_runs"
 #: ``pg_try_advisory_xact_lock`` key electing the one reconciler that acts in a pass.
@@ -84,6 +89,12 @@ def driver_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def _not_sent(exc: BaseException) -> bool:
+    """Whether asyncpg refused to send a statement because the connection was closed: the
+    statement provably did not run, so it may be sent again on a fresh connection."""
+    return type(exc) is asyncpg.InterfaceError and "connection is closed" in str(exc)
+
+
 class WriterPool:
     """A few long-lived asyncpg connections for the single-statement writes."""
 
@@ -92,20 +103,39 @@ class WriterPool:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[asyncpg.Connection] = []
 
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._connect()
-            try:
-                yield conn
-            except BaseException:
-                # Interrupted mid-statement (cancelled, connection lost): don't reuse it.
-                conn.terminate()
-                raise
-            self._idle.append(conn)
+    async def fetchrow(self, statement: str, params: Sequence[Any], timeout: float) -> Any:
+        """The first row of ``statement``, on an idle connection or a new one, in autocommit.
 
-    async def _connect(self) -> asyncpg.Connection:
-        conn = await asyncpg.connect(self._dsn)
+        A connection the server closed while idle (a restart, a terminated backend) is noticed
+        before use and replaced; a statement the closed connection refused to send is sent once
+        more. A statement interrupted midway is never repeated: it may have committed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for attempt in range(2):
+            async with self._slots:
+                conn = await self._checkout(max(deadline - loop.time(), 0.01))
+                try:
+                    row = await conn.fetchrow(
+                        statement, *params, timeout=max(deadline - loop.time(), 0.01)
+                    )
+                except BaseException as exc:
+                    # Interrupted (cancelled, timed out, connection lost): don't reuse it.
+                    conn.terminate()
+                    if attempt == 0 and _not_sent(exc):
+                        continue
+                    raise
+                self._idle.append(conn)
+                return row
+        raise AssertionError("unreachable")
+
+    async def _checkout(self, timeout: float) -> asyncpg.Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+            conn.terminate()
+        conn = await asyncpg.connect(self._dsn, timeout=timeout)
         # JSON parameters are passed as text, as the statements expect.
         await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
         return conn
@@ -124,7 +154,15 @@ class PostgresStore(Store):
         self._writers = WriterPool(driver_dsn(url))
 
     def _make_engine(self) -> AsyncEngine:
-        return create_async_engine(self.url, pool_size=10, max_overflow=20)
+        # Pooled connections are pinged at checkout, so a server restart costs no failed call;
+        # connect and command timeouts keep a frozen server from blocking anyone forever.
+        return create_async_engine(
+            self.url,
+            pool_size=10,
+            max_overflow=20,
+            pool_pre_ping=True,
+            connect_args={"timeout": CONNECT_TIMEOUT, "command_timeout": COMMAND_TIMEOUT},
+        )
 
     async def _open(self) -> None:
         revision = await self.schema_revision()
@@ -143,29 +181,44 @@ class PostgresStore(Store):
     def driver_errors(self) -> Iterator[None]:
         try:
             yield
-        except IntegrityError:
+        except TidebaseError:
             raise
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            raise self.unavailable(exc) from None
+        except asyncpg.PostgresError as exc:
+            raise self._mapped(exc, exc.sqlstate) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated or isinstance(
-                exc.orig, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-            ):
-                raise self.unavailable(exc) from None
-            raise
+            raise self._mapped(exc, getattr(exc.orig, "sqlstate", None)) from None
+        except (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.exceptions.InternalClientError,
+            SQLAlchemyTimeoutError,
+        ) as exc:
+            raise self.unavailable(exc) from None
 
-    async def _fetch(self, statement: str, *params: Any) -> Any:
+    def _mapped(self, exc: BaseException, sqlstate: str | None) -> TidebaseError:
+        if sqlstate is not None and sqlstate.startswith("22"):
+            # Class 22 (data exception): a value the database refuses, not a database problem.
+            return CheckpointSerializationError(
+                f"the database refused a value: {type(exc).__name__}: {exc}"
+            )
+        return self.unavailable(exc)
+
+    async def _fetch(self, statement: str, *params: Any, timeout: float | None = None) -> Any:
         """The first row of one :mod:`.sql` statement on a writer connection, in autocommit."""
         self.statements += 1
         with self.in_use(), self.driver_errors():
-            async with self._writers.connection() as conn:
-                return await conn.fetchrow(statement, *params)
+            return await self._writers.fetchrow(statement, params, timeout or COMMAND_TIMEOUT)
 
-    async def _fenced(self, lease: Lease, statement: str, n_events: int, *params: Any) -> None:
+    async def _fenced(
+        self, lease: Lease, statement: str, n_events: int, *params: Any, timeout: float | None
+    ) -> None:
         """Run one fenced write; raise the fence's error if the lease no longer holds."""
-        row = await self._fetch(statement, lease.run_id, lease.token, n_events, utcnow(), *params)
+        row = await self._fetch(
+            statement, lease.run_id, lease.token, n_events, utcnow(), *params, timeout=timeout
+        )
         if row is None:
-            state = await self._fetch(sql.LEASE_STATE, lease.run_id)
+            state = await self._fetch(sql.LEASE_STATE, lease.run_id, timeout=timeout)
             raise fence_error(lease, None if state is None else state["status"])
 
     # -- acquisition -----------------------------------------------------------------------
@@ -209,6 +262,7 @@ class PostgresStore(Store):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         await self._fenced(
             lease,
@@ -217,15 +271,26 @@ class PostgresStore(Store):
             *_step_params(step, utcnow(), output_json),
             _events_param(events),
             _usage_param(usage),
+            timeout=timeout,
         )
 
-    async def record_usage(self, lease: Lease, usage: Sequence[UsageRecord]) -> None:
-        await self._fenced(lease, sql.RECORD_USAGE, 0, _usage_param(usage))
+    async def record_usage(
+        self, lease: Lease, usage: Sequence[UsageRecord], *, timeout: float | None = None
+    ) -> None:
+        await self._fenced(lease, sql.RECORD_USAGE, 0, _usage_param(usage), timeout=timeout)
 
-    async def append_state(self, lease: Lease, version: int, value: Any) -> None:
+    async def append_state(
+        self, lease: Lease, version: int, value: Any, *, timeout: float | None = None
+    ) -> None:
         event = Event(EventKind.STATE_SET, data={"version": version})
         await self._fenced(
-            lease, sql.APPEND_STATE, 1, version, jsonb(value), _events_param([event])
+            lease,
+            sql.APPEND_STATE,
+            1,
+            version,
+            jsonb(value),
+            _events_param([event]),
+            timeout=timeout,
         )
 
     async def finish(
@@ -236,6 +301,7 @@ class PostgresStore(Store):
         output: Any = None,
         error: Any = None,
         event: Event,
+        timeout: float | None = None,
     ) -> None:
         await self._fenced(
             lease,
@@ -246,12 +312,24 @@ class PostgresStore(Store):
             jsonb(error),
             utcnow() if status in TERMINAL_RUN_STATUSES else None,
             _events_param([event]),
+            timeout=timeout,
         )
 
-    async def check_lease(self, lease: Lease) -> None:
-        row = await self._fetch(sql.LEASE_STATE, lease.run_id)
+    async def check_lease(self, lease: Lease, *, timeout: float | None = None) -> None:
+        row = await self._fetch(sql.LEASE_STATE, lease.run_id, timeout=timeout)
         if row is None or row["status"] != RunStatus.RUNNING or row["lease_token"] != lease.token:
             raise fence_error(lease, None if row is None else row["status"])
+
+    async def heartbeat(
+        self, lease: Lease, lease_seconds: float, *, timeout: float | None = None
+    ) -> None:
+        await self._fenced(
+            lease,
+            sql.EXTEND_LEASE,
+            0,
+            utcnow() + dt.timedelta(seconds=lease_seconds),
+            timeout=timeout,
+        )
 
     # -- queue hooks -----------------------------------------------------------------------
 

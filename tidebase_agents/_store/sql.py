@@ -121,6 +121,9 @@ APPEND_STATE = (
 #: Record usage ($5) under the lease.
 RECORD_USAGE = f"WITH {_fence()}, {_usage(5)} SELECT event_seq FROM fence"
 
+#: Extend the lease ($5 the new expiry) while it holds.
+EXTEND_LEASE = f"WITH {_fence(', lease_expires_at = $5')} SELECT event_seq FROM fence"
+
 #: Read the fence's inputs: is the run still running under this token?
 LEASE_STATE = f"SELECT status, lease_token FROM {RUNS} WHERE run_id = $1"
 

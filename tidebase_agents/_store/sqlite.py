@@ -1,22 +1,32 @@
 """The embedded SQLite store: every write of an executing run is one ``BEGIN IMMEDIATE``
 transaction (fence, rows, events), so writers queue on the busy timeout instead of failing on a
 read-to-write upgrade. WAL mode with ``synchronous=NORMAL``.
+
+No database call is ever cancelled midway: a task cancelled while its store operation runs
+waits for that operation (at most the busy timeout), then sees its cancellation. A cancelled
+aiosqlite call makes SQLAlchemy tear the connection down in a shielded task, and if that task
+is cancelled in turn (a second cancellation, or ``asyncio.run`` ending) aiosqlite's close waits
+forever on its already stopped thread, and the process never exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
+import functools
+import inspect
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import bindparam, event, insert, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .._errors import TidebaseError
 from .._vocab import TERMINAL_RUN_STATUSES, EventKind, RunStatus
 from . import sql
 from .base import Store
@@ -85,14 +95,12 @@ class SQLiteStore(Store):
     def driver_errors(self) -> Iterator[None]:
         try:
             yield
-        except IntegrityError:
+        except TidebaseError:
             raise
-        except (OSError, sqlite3.OperationalError) as exc:
+        except (OSError, sqlite3.Error, DBAPIError) as exc:
+            # Locked past the busy timeout, disk full or I/O errors, a file that is not a
+            # database: the checkpoint could not be written or read.
             raise self.unavailable(exc) from None
-        except (OperationalError, DBAPIError) as exc:
-            if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                raise self.unavailable(exc) from None
-            raise
 
     def _insert(self) -> Any:
         return sqlite_insert
@@ -186,6 +194,7 @@ class SQLiteStore(Store):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         now = utcnow()
         values = fields_of(step)
@@ -216,12 +225,16 @@ class SQLiteStore(Store):
         )
         await conn.execute(stmt, [dict(fields_of(u), run_id=run_id, created_at=now) for u in usage])
 
-    async def record_usage(self, lease: Lease, usage: Sequence[UsageRecord]) -> None:
+    async def record_usage(
+        self, lease: Lease, usage: Sequence[UsageRecord], *, timeout: float | None = None
+    ) -> None:
         async with self.transaction() as conn:
             await fenced_bump(conn, lease, 0)
             await self._insert_usage(conn, lease.run_id, usage, utcnow())
 
-    async def append_state(self, lease: Lease, version: int, value: Any) -> None:
+    async def append_state(
+        self, lease: Lease, version: int, value: Any, *, timeout: float | None = None
+    ) -> None:
         now = utcnow()
         async with self.transaction() as conn:
             seq = await fenced_bump(conn, lease, 1, state_version=version)
@@ -246,6 +259,7 @@ class SQLiteStore(Store):
         output: Any = None,
         error: Any = None,
         event: Event,
+        timeout: float | None = None,
     ) -> None:
         async with self.transaction() as conn:
             seq = await fenced_bump(
@@ -261,7 +275,7 @@ class SQLiteStore(Store):
             )
             await append_event(conn, lease.run_id, seq, event)
 
-    async def check_lease(self, lease: Lease) -> None:
+    async def check_lease(self, lease: Lease, *, timeout: float | None = None) -> None:
         async with self.connect() as conn:
             row = (
                 await conn.execute(
@@ -270,3 +284,46 @@ class SQLiteStore(Store):
             ).first()
         if row is None or row.status != RunStatus.RUNNING or row.lease_token != lease.token:
             raise fence_error(lease, None if row is None else row.status)
+
+
+_T = TypeVar("_T")
+
+
+def _whole(method: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    """Run ``method`` as a task of its own that its caller's cancellation cannot interrupt."""
+
+    @functools.wraps(method)
+    async def whole(*args: Any, **kwargs: Any) -> _T:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                cancelled = True  # finish the database call first
+                continue
+            if cancelled:
+                raise asyncio.CancelledError
+            return result
+
+    return whole
+
+
+def _talks_to_the_database(name: str, method: Any) -> bool:
+    # Lifecycle and composite operations are made of these; helpers handed an open
+    # connection run inside an operation already.
+    if not inspect.iscoroutinefunction(method) or name in _COMPOSITE or name.startswith("__"):
+        return False
+    params = list(inspect.signature(method).parameters)
+    return params[1:2] != ["conn"]
+
+
+_COMPOSITE = frozenset(
+    {"open", "_open", "close", "_close_backend", "acquire", "_with_steps", "listen"}
+)
+
+for _name in dir(SQLiteStore):
+    if _talks_to_the_database(_name, getattr(SQLiteStore, _name)):
+        setattr(SQLiteStore, _name, _whole(getattr(SQLiteStore, _name)))
