@@ -29,15 +29,20 @@ from ._vocab import ReplayPolicy, ReviewAction, RunStatus, StepStatus
 from ._worker import WorkerOptions, run_worker
 
 if TYPE_CHECKING:
+    from ._sdk.streaming import is_replayed
     from ._sdk.tools import durable_tool
 
 
 def __getattr__(name: str) -> Any:
-    # The Agents SDK loads on first use of durable_tool, so the CLI and workers start fast.
+    # The Agents SDK loads on first use of these, so the CLI and workers start fast.
     if name == "durable_tool":
         from ._sdk.tools import durable_tool
 
         return durable_tool
+    if name == "is_replayed":
+        from ._sdk.streaming import is_replayed
+
+        return is_replayed
     raise AttributeError(f"module 'tidebase_agents' has no attribute {name!r}")
 
 
@@ -77,6 +82,7 @@ __all__ = [
     "current_run",
     "durable_tool",
     "idempotency_key",
+    "is_replayed",
     "register_types",
     "run_worker",
 ]

@@ -589,6 +589,11 @@ def usage(
         "-" if total_cost is None else f"{total_cost:.6f}",
     )
     out.print(table)
+    lost = sum(r["lost_tokens"] for r in report)
+    if lost:
+        out.print(
+            f"of these, {lost} tokens paid for work a resumed run did again (lost to crashes)"
+        )
     unpriced = sorted({str(m) for r in report for m in r["unpriced_models"]})
     if unpriced:
         out.print(f"no price for: {', '.join(unpriced)} (add them with --prices FILE)")

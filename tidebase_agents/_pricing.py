@@ -129,7 +129,8 @@ def usage_report(
     """Token totals and cost grouped by ``by``, from the store's per-(group, model) sums.
 
     ``cost_usd`` is None when some tokens of a group belong to a model without a price;
-    ``unpriced_models`` names those models.
+    ``unpriced_models`` names those models. ``lost_tokens`` of ``total_tokens`` were billed
+    for work a later attempt did again (a journaled model turn it did not reuse).
     """
     keys = list(by)
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -141,11 +142,12 @@ def usage_report(
                 **dict(zip(keys, ident, strict=True)),
                 **{c: 0 for c in _TOKENS},
                 "records": 0,
+                "lost_tokens": 0,
                 "cost_usd": 0.0,
                 "unpriced_models": [],
             },
         )
-        for c in (*_TOKENS, "records"):
+        for c in (*_TOKENS, "records", "lost_tokens"):
             acc[c] += int(r[c] or 0)
         cost = float(r["recorded_cost"] or 0.0)
         tokens = [int(r[f"unpriced_{c}"] or 0) for c in ("input", "output", "cached")]

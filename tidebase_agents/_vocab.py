@@ -102,6 +102,8 @@ class EventKind(Vocab):
     STEP_REVIEW_OUTPUT = "step_review_output"
     STEP_REVIEW_FAIL = "step_review_fail"
     STATE_SET = "state_set"
+    TURN_DIVERGED = "turn_diverged"
+    TURN_DROPPED = "turn_dropped"
 
 
 #: Runs that may still be (re)started; at most one per ``(queue, dedupe_key)``.

@@ -105,12 +105,14 @@ async def test_step_names_count_calls_per_agent_and_nest_tool_calls(db_url: str)
     assert names[4] == "agent:writer#1"
     assert names[1].rsplit("/", 1)[1] != names[3].rsplit("/", 1)[1]  # other arguments
 
-    # Usage: one row per agent step, none for tool steps, none added by re-invoking.
+    # Usage: one row per model call (T1), none for tool steps, none added by re-invoking.
     rows = await usage_rows(db_url, "run-names")
     assert [(step, requests, tokens) for step, _, requests, tokens in rows] == [
-        ("agent:researcher#1", 2, 30),
-        ("agent:researcher#2", 2, 30),
-        ("agent:writer#1", 1, 15),
+        ("agent:researcher#1/model#1", 1, 15),
+        ("agent:researcher#1/model#2", 1, 15),
+        ("agent:researcher#2/model#1", 1, 15),
+        ("agent:researcher#2/model#2", 1, 15),
+        ("agent:writer#1/model#1", 1, 15),
     ]
     assert await pipeline("alpha", "beta", run_id="run-names") == out
     assert await usage_rows(db_url, "run-names") == rows
@@ -120,7 +122,7 @@ async def test_step_names_count_calls_per_agent_and_nest_tool_calls(db_url: str)
     tide = Tidebase(db_url)
     by_run = await tide.usage(by=["run"], run_id="run-names")
     assert [(r["run"], r["requests"], r["total_tokens"], r["records"]) for r in by_run] == [
-        ("run-names", 5, 75, 3)
+        ("run-names", 5, 75, 5)
     ]
     (by_model,) = await tide.usage(by=["pipeline", "model"])
     model_name = rows[0][1]
@@ -132,7 +134,7 @@ async def test_step_names_count_calls_per_agent_and_nest_tool_calls(db_url: str)
     assert (by_model["cost_usd"], by_model["unpriced_models"]) == (None, [model_name])
 
 
-async def test_usage_is_recorded_once_per_agent_step_and_replay_adds_none(db_url: str) -> None:
+async def test_usage_is_recorded_once_per_model_call_and_replay_adds_none(db_url: str) -> None:
     model = policy_model(lambda call: message("ok " + user_text(call), inp=40, out=2))
     agent = Agent(name="counter", model=model)
     original, replayed, run_id = await roundtrip(
@@ -141,7 +143,7 @@ async def test_usage_is_recorded_once_per_agent_step_and_replay_adds_none(db_url
     assert_same_result(replayed, original)
     rows = await usage_rows(db_url, run_id)
     assert [(step, requests, tokens) for step, _, requests, tokens in rows] == [
-        ("agent:counter#1", 1, 42)
+        ("agent:counter#1/model#1", 1, 42)
     ]
     assert replayed.context_wrapper.usage.total_tokens == 42
 
@@ -291,12 +293,13 @@ async def test_agent_as_tool_steps_nest_and_usage_matches_an_unchecked_run(db_ur
         )
     assert nested[0] != nested[1]
 
-    # Usage: each step records its own model calls; the totals are an unchecked run's.
+    # Usage: each model call is recorded under its own turn; the totals are an unchecked run's.
     rows = await usage_rows(db_url, run_id)
     assert [(step, requests, tokens) for step, _, requests, tokens in rows] == [
-        ("agent:orchestrator#1", 2, 15 + 60),
-        (nested[0], 1, 9),
-        (nested[1], 1, 9),
+        ("agent:orchestrator#1/model#1", 1, 15),
+        ("agent:orchestrator#1/model#2", 1, 60),
+        (f"{nested[0]}/model#1", 1, 9),
+        (f"{nested[1]}/model#1", 1, 9),
     ]
     expected = unchecked.context_wrapper.usage
     for result in (original, replayed):
@@ -313,7 +316,8 @@ async def test_agent_as_tool_steps_nest_and_usage_matches_an_unchecked_run(db_ur
 
 async def test_reexecuted_orchestrator_replays_finished_sub_agent_steps(db_url: str) -> None:
     """The orchestrator fails after its sub-agents finished: re-invoking re-executes the
-    orchestrator (new model calls, new call ids) but replays the nested sub-agent steps."""
+    orchestrator, whose first turn (the one that asked the sub-agents) replays from the
+    journal (T1), and the nested sub-agent steps replay from their checkpoints."""
     plain_orchestrator, *_ = _expert_graph()
     unchecked = await Runner.run(plain_orchestrator, "plan")
     orchestrator, _, orchestrator_model, expert_model, asked = _expert_graph(fail_once=True)
@@ -330,16 +334,17 @@ async def test_reexecuted_orchestrator_replays_finished_sub_agent_steps(db_url: 
         await pipeline(run_id="run-nested")
     statuses = await step_status(db_url, "run-nested")
     assert statuses.pop("agent:orchestrator#1") == "failed_retryable"
+    assert statuses.pop("agent:orchestrator#1/model#1") == "completed"  # its journaled turn
     assert sorted(statuses.values()) == ["completed", "completed"]
     assert len(asked) == 2
 
     assert await pipeline(run_id="run-nested") == unchecked.final_output
     assert len(asked) == 2  # the sub-agents were replayed, not asked again
     assert len(expert_model.calls) == 2
-    assert len(orchestrator_model.calls) == 4  # 2 on the failed attempt, 2 on the re-execution
+    assert len(orchestrator_model.calls) == 3  # 2 on the failed attempt, 1 on the re-execution
     rows = await usage_rows(db_url, "run-nested")
-    assert [step for step, *_ in rows].count("agent:orchestrator#1") == 1
-    assert len(rows) == 3
+    assert [step for step, *_ in rows].count("agent:orchestrator#1/model#1") == 1
+    assert len(rows) == 4
     assert sum(r[3] for r in rows) == unchecked.context_wrapper.usage.total_tokens
 
 
@@ -372,7 +377,9 @@ async def test_max_turns_exceeded_is_a_recorded_outcome(db_url: str) -> None:
     assert executed == runs
     assert await step_status(db_url, "run-max-turns") == {"agent:looper#1": "completed"}
     rows = await usage_rows(db_url, "run-max-turns")
-    assert [(step, requests) for step, _, requests, _ in rows] == [("agent:looper#1", calls)]
+    assert [(step, requests) for step, _, requests, _ in rows] == [
+        (f"agent:looper#1/model#{n}", 1) for n in range(1, calls + 1)
+    ]
 
 
 async def test_input_guardrail_tripwire_is_a_recorded_outcome(db_url: str) -> None:

@@ -91,13 +91,12 @@ async def test_crash_after_first_agent_resumes_in_a_new_process(
     assert (await tide.get_run(run_id)).status == "completed"
 
     rows = await tide.store.get_usage(run_id)
-    assert sorted(r.step for r in rows) == ["agent:researcher#1", "agent:writer#1"]
-    by_step = {r.step: r for r in rows}
-    assert (by_step["agent:researcher#1"].requests, by_step["agent:researcher#1"].total_tokens) == (
-        2,
-        15 + 28,
-    )
-    assert (by_step["agent:writer#1"].requests, by_step["agent:writer#1"].total_tokens) == (1, 39)
+    # One row per model call (T1), under its turn.
+    assert sorted((r.step, r.requests, r.total_tokens) for r in rows) == [
+        ("agent:researcher#1/model#1", 1, 15),
+        ("agent:researcher#1/model#2", 1, 28),
+        ("agent:writer#1/model#1", 1, 39),
+    ]
 
 
 @pytest.mark.parametrize("tool", ["key_read", "key_fn"])
@@ -208,17 +207,20 @@ async def test_crash_after_tool_returned_before_agent_finished(db_url: str, tmp_
     assert output == await reference_output(db_url, tmp_path, "unkeyed")
     assert kit.seen_keys == []  # replayed, not re-fired
     assert len(api.attempt_rows()) == 1
-    assert len(kit.researcher_model.calls) == 2  # the unfinished agent step ran again
+    # The unfinished agent step ran again, its first turn (the tool call) replayed (T1).
+    assert len(kit.researcher_model.calls) == 1
     assert len(kit.writer_model.calls) == 1
 
     steps = {s.name: s for s in await kit.pipeline.tide.steps(run_id)}
     (tool_step,) = [s for name, s in steps.items() if TOOL_STEP.match(name)]
     assert (tool_step.status, tool_step.attempts) == ("completed", 1)
-    # Usage: the dead attempt's model calls were never recorded; the re-execution's once.
+    # Usage: each model call once; the dead attempt's last answer (it crashed before its agent
+    # step completed) was never recorded, and was asked for again.
     rows = await kit.pipeline.tide.store.get_usage(run_id)
     assert sorted((r.step, r.requests) for r in rows) == [
-        ("agent:researcher#1", 2),
-        ("agent:writer#1", 1),
+        ("agent:researcher#1/model#1", 1),
+        ("agent:researcher#1/model#2", 1),
+        ("agent:writer#1/model#1", 1),
     ]
 
 
@@ -252,4 +254,5 @@ async def test_concurrent_fan_out_resumes_onto_the_same_checkpoints(
     assert all(re.fullmatch(r"agent:worker#\d+", s.name) for s in steps)
     assert all(s.status == "completed" and s.attempts == 1 for s in steps)
     rows = await kit.pipeline.tide.store.get_usage(run_id)
-    assert sorted(r.step for r in rows) == sorted(s.name for s in steps)  # once per agent step
+    # Once per model call: each worker answers in one turn.
+    assert sorted(r.step for r in rows) == sorted(f"{s.name}/model#1" for s in steps)

@@ -717,11 +717,32 @@ async def test_checkpoint_state_is_the_sdks_own_and_leaves_the_live_result_untou
     result = await run_weather()
     usage = serialize_usage(result.context_wrapper.usage)
     expected = sdk_state.blanked_state_json(result.to_state())
-    assert sdk_codec.encode_result(result)["state"] == expected
+    stored = sdk_codec.encode_result(result)["state"]
+    if stored["generated_items"] == {"$same_as": "session_items"}:  # one copy when equal
+        stored = {**stored, "generated_items": stored["session_items"]}
+    assert stored == expected
     assert result.context_wrapper.context == AppContext("u1")
     assert serialize_usage(result.context_wrapper.usage) == usage
     assert "_copy_for_run_state" not in vars(result.context_wrapper)
     assert sdk_state.blanked_state_json(result.to_state()) == expected
+
+
+async def test_a_long_tool_loop_stores_its_items_once_and_replays_faithfully() -> None:
+    @function_tool
+    def tick(i: int) -> str:
+        return f"t{i}"
+
+    script = [step(function_call("tick", {"i": i}, call_id=f"t{i}")) for i in range(200)]
+    agent = Agent(
+        name="looper", model=ScriptedModel([*script, step(message("done"))]), tools=[tick]
+    )
+    result = await Runner.run(agent, "go", max_turns=300)
+    payload = json_roundtrip(sdk_codec.encode_result(result))
+    assert payload["state"]["generated_items"] == {"$same_as": "session_items"}
+    sdk_own = json.dumps(sdk_state.blanked_state_json(result.to_state()))
+    assert len(json.dumps(payload)) < 0.8 * len(sdk_own)  # the second copy was ~30%
+    live = Agent(name="looper", model=ScriptedModel([]), tools=[tick])
+    assert_faithful(result, await sdk_codec.decode_result(payload, live, None))
 
 
 async def run_weather() -> Any:
@@ -751,6 +772,7 @@ async def test_codec_interrupted_result_can_be_approved_and_resumed() -> None:
     )
     assert [e.type async for e in streamed.stream_events()] == [
         "agent_updated_stream_event",
+        "raw_response_event",  # the recorded response, synthesized as response.completed
         "run_item_stream_event",  # tool_called; the approval item is not streamed (SDK rule)
     ]
     assert_faithful(orig, streamed)
@@ -1482,25 +1504,33 @@ async def test_on_stream_complete_reports_a_cancelled_stream() -> None:
 def event_view(event: Any) -> tuple[str, str | None, str]:
     if event.type == "agent_updated_stream_event":
         return (event.type, None, event.new_agent.name)
+    if event.type == "raw_response_event":
+        return (event.type, event.data.type, str(event.data.response.usage.total_tokens))
     return (event.type, event.name, event.item.agent.name)
 
 
-async def test_replay_streamed_yields_the_recorded_semantic_events() -> None:
+def completed_or_semantic(event: Any) -> bool:
+    return event.type != "raw_response_event" or event.data.type == "response.completed"
+
+
+async def test_replay_streamed_yields_the_recorded_events_marked_replayed() -> None:
     triage, _ = weather_graph(ScriptedModel(weather_script()))
     live = Runner.run_streamed(triage, "forecast Rome", context=AppContext("u1"))
-    live_events = [
-        event_view(e) async for e in live.stream_events() if e.type != "raw_response_event"
-    ]
+    live_events = [event_view(e) async for e in live.stream_events() if completed_or_semantic(e)]
     payload = json_roundtrip(sdk_codec.encode_result(live))
 
     empty = ScriptedModel([])
     triage2, specialist2 = weather_graph(empty)
     ctx2 = AppContext("u1")
     replay = sdk_streaming.replay_streamed(payload, triage2, ctx2)
-    replay_events = [event_view(e) async for e in replay.stream_events()]
+    replayed = [e async for e in replay.stream_events()]
+    replay_events = [event_view(e) for e in replayed]
 
+    # What the first run streamed, less the token deltas; one response.completed per response.
     assert replay_events == live_events
-    assert [name for _, name, _ in replay_events if name] == [
+    assert all(sdk_streaming.is_replayed(e) for e in replayed)
+    assert not any(sdk_streaming.is_replayed(e) for e in [object()])
+    assert [name for kind, name, _ in replay_events if kind == "run_item_stream_event"] == [
         "handoff_requested",
         "handoff_occured",
         "tool_called",

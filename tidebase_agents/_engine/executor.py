@@ -108,6 +108,10 @@ class Executor:
         #: When the database last confirmed this executor's lease (acquire, a fenced write).
         self._confirmed_at = time.monotonic()
         self._pending: set[asyncio.Task[Any]] = set()
+        #: Journal entries kept back until the step they belong to completes (see journal()),
+        #: and journal writes in flight.
+        self._deferred: dict[str, tuple[StepRecord, str, list[UsageRecord], list[Event]]] = {}
+        self._journal_writes: set[asyncio.Task[Any]] = set()
         self._ended = False
         self._renewing = False
         #: The halting status a step reached (the run settles in it).
@@ -228,6 +232,9 @@ class Executor:
             self._confirmed_at = time.monotonic()
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())
         if spec.side_effects:
+            # What led to this external call (the model turn that asked for it) is recorded
+            # first: a resume then replays that turn instead of asking the model anew.
+            await self.flush_journal()
             if not spec.keyed and spec.tool_call is not None:
                 spec.tool_call.on_first_read = lambda: self._key_read(spec.name)
             kind = EventKind.STEP_IN_DOUBT if decision.in_doubt else EventKind.STEP_STARTED
@@ -271,14 +278,20 @@ class Executor:
         common: dict[str, Any] = dict(
             attempts=attempts, keyed=keyed, started_at=execution.started, duration_ms=duration
         )
+        folded_usage, folded_events = self._fold_journal(spec.name)
+        await self._journal_landed()  # the completion drops the entries: they land first
         if error is None:
             await self._write(
                 spec,
                 StepStatus.COMPLETED,
                 output=encoded,
                 output_json=text,
-                usage=spec.usage(value) if spec.usage else (),
-                events=[Event(EventKind.STEP_COMPLETED, spec.name, {"attempts": attempts})],
+                usage=[*folded_usage, *(spec.usage(value) if spec.usage else ())],
+                events=[
+                    *folded_events,
+                    Event(EventKind.STEP_COMPLETED, spec.name, {"attempts": attempts}),
+                ],
+                transient=spec.transient,
                 **common,
             )
             self.executed.append(spec.name)
@@ -291,10 +304,15 @@ class Executor:
                 spec,
                 StepStatus.COMPLETED,
                 error=recorded,
-                usage=spec.usage(run_data) if spec.usage and run_data is not None else (),
-                events=[
-                    Event(EventKind.STEP_COMPLETED, spec.name, {"error": recorded.get("type")})
+                usage=[
+                    *folded_usage,
+                    *(spec.usage(run_data) if spec.usage and run_data is not None else ()),
                 ],
+                events=[
+                    *folded_events,
+                    Event(EventKind.STEP_COMPLETED, spec.name, {"error": recorded.get("type")}),
+                ],
+                transient=spec.transient,
                 **common,
             )
             self.executed.append(spec.name)
@@ -304,7 +322,11 @@ class Executor:
             spec,
             status,
             error=error_record(error),
-            events=[Event(EVENT_OF_STEP_FAILURE[status], spec.name, error_record(error))],
+            usage=folded_usage,
+            events=[
+                *folded_events,
+                Event(EVENT_OF_STEP_FAILURE[status], spec.name, error_record(error)),
+            ],
             **common,
         )
         if status in HALTING_STEP_STATUSES:
@@ -397,6 +419,7 @@ class Executor:
         duration_ms: float | None = None,
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        transient: str | None = None,
     ) -> None:
         record = StepRecord(
             name=spec.name,
@@ -423,10 +446,16 @@ class Executor:
                 events=events,
                 usage=usage,
                 output_json=output_json,
+                transient=transient,
                 timeout=self._remaining(),
             )
         )
         self._confirmed_at = time.monotonic()
+        if transient is not None:
+            marker = f"/{transient}"
+            for name in self.recorded_names(f"{spec.name}/"):
+                if name.rpartition("/")[2].startswith(transient) and marker in name:
+                    del self._steps[name]
         self._steps[spec.name] = record
 
     def serialize(self, what: str, encoded: Any) -> str:
@@ -440,6 +469,110 @@ class Executor:
                 f"(Tidebase(max_payload_bytes=...))"
             )
         return text
+
+    # -- journal entries -------------------------------------------------------------------
+
+    def _journal_record(
+        self, name: str, input_hash: str, input_parts: dict[str, str], output: Any
+    ) -> tuple[StepRecord, str]:
+        now = utcnow()
+        record = StepRecord(
+            name=name,
+            status=StepStatus.COMPLETED,
+            input_hash=input_hash,
+            input_parts=input_parts,
+            output=output,
+            lease_token=self.lease.token,
+            started_at=now,
+            completed_at=now,
+        )
+        return record, self.serialize(f"journal entry {name!r}", output)
+
+    async def journal(
+        self,
+        name: str,
+        input_hash: str,
+        input_parts: dict[str, str],
+        output: Any,
+        *,
+        usage: Sequence[UsageRecord] = (),
+        events: Sequence[Event] = (),
+        defer: bool = False,
+    ) -> None:
+        """Record a journal entry of the step running in this task (a model turn).
+
+        ``defer`` keeps it in memory instead: the step is about to complete (a final answer),
+        and its completion will carry the entry's usage and events in its own write, so the
+        entry costs no round trip. A deferred entry is written all the same when anything else
+        happens first: a side effect, or another entry of the same step.
+        """
+        record, text = self._journal_record(name, input_hash, input_parts, output)
+        await self.flush_journal()
+        if defer:
+            self._deferred[name] = (record, text, list(usage), list(events))
+            return
+        await self._write_journal(record, text, usage, events)
+
+    async def _write_journal(
+        self,
+        record: StepRecord,
+        text: str,
+        usage: Sequence[UsageRecord],
+        events: Sequence[Event],
+    ) -> None:
+        self.check_live()
+        await self._guarded(
+            self.store.write_step(
+                self.lease,
+                record,
+                events=events,
+                usage=usage,
+                output_json=text,
+                timeout=self._remaining(),
+            )
+        )
+        self._confirmed_at = time.monotonic()
+        self._steps[record.name] = record
+
+    async def flush_journal(self) -> None:
+        """Write the deferred journal entries (before a side effect, say), and wait until
+        every journal write in flight has landed."""
+        while self._deferred:
+            _, entry = self._deferred.popitem()
+            task = self.track(self.loop.create_task(self._write_journal(*entry)))
+            self._journal_writes.add(task)
+            task.add_done_callback(self._journal_writes.discard)
+        await self._journal_landed()
+
+    async def _journal_landed(self) -> None:
+        if not self._journal_writes:
+            return
+        # asyncio.wait, unlike gather, does not cancel the writes if this task is cancelled.
+        done, _ = await asyncio.wait(list(self._journal_writes))
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+
+    def _fold_journal(self, step: str) -> tuple[list[UsageRecord], list[Event]]:
+        """Take the deferred entries of ``step`` out: their usage and events go with its own
+        write (their records would be dropped by it at once)."""
+        usage: list[UsageRecord] = []
+        events: list[Event] = []
+        for name in [n for n in self._deferred if n.startswith(f"{step}/")]:
+            _, _, entry_usage, entry_events = self._deferred.pop(name)
+            usage.extend(entry_usage)
+            events.extend(entry_events)
+        return usage, events
+
+    async def discard(self, names: Sequence[str], event: Event) -> None:
+        """Drop checkpoints (a journaled answer that led to a deterministic failure)."""
+        await self.flush_journal()
+        await self._guarded(
+            self.store.delete_steps(self.lease, names, event=event, timeout=self._remaining())
+        )
+        for name in names:
+            self._steps.pop(name, None)
 
     # -- run state and usage ---------------------------------------------------------------
 

@@ -52,6 +52,9 @@ class StepSpec:
     raise_error: Callable[[dict[str, Any]], NoReturn] | None = None
     usage: Callable[[Any], Sequence[UsageRecord]] | None = None
     tool_call: ToolCall | None = None
+    #: Checkpoints nested in this step whose last name segment starts with this marker are
+    #: journal entries only while the step runs (its model turns): its completion drops them.
+    transient: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

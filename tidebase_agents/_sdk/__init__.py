@@ -10,7 +10,8 @@ Modules, one seam each:
 * ``fingerprint``: agent fingerprints and run-input JSON, the raw material of input hashes (I2);
 * ``state``, ``result_codec``: the ``RunResult`` checkpoint codec (R1);
 * ``errors``: deterministic agent failures that replay as the same exception;
-* ``usage``: token usage per model, and usage isolation for nested runs (R9);
+* ``usage``: usage isolation for nested runs;
+* ``model``: every model turn a journal entry (T1), usage per call;
 * ``agent_runner``: the runner hook that routes every ``Runner`` call;
 * ``agent_steps``: agent runs inside a pipeline as steps of the engine;
 * ``streaming``: streamed runs, completion and replay;
@@ -51,13 +52,15 @@ _check_sdk_version()
 from agents.result import RunResultBase
 
 from .._engine import register_reentrant_output
-from . import _fastpath
+from . import _fastpath, model
 from .agent_runner import install_runner
 from .agent_steps import INTERCEPTOR
 
 
 def install() -> None:
-    """Plug the SDK into the engine: agent runs inside a pipeline become steps (idempotent)."""
+    """Plug the SDK into the engine: agent runs inside a pipeline become steps, and their
+    model turns journal entries (idempotent)."""
     _fastpath.install()
+    model.install()
     register_reentrant_output(RunResultBase)
     install_runner(INTERCEPTOR)

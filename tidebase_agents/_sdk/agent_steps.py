@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from agents import Agent, RunResult, RunResultStreaming
+from agents.exceptions import ModelBehaviorError
 from agents.run import AgentRunner
 
 from .._engine import (
@@ -23,15 +23,15 @@ from .._engine import (
     current_tool_call,
 )
 from .._hashing import parts_hash, sha256_hex
-from .._store import UsageRecord, utcnow
+from .._store import utcnow
 from .._vocab import DecisionKind
 from .agent_runner import sdk_run, sdk_run_streamed, tool_call_scope
 from .errors import encode_agent_error, raise_recorded_error
 from .fingerprint import agent_fingerprint, run_input_json, run_options_parts
+from .model import TURN, drop_last_turn, turns_of
 from .result_codec import decode_result, encode_result
 from .session import DurableSession
 from .streaming import checkpointed_stream, on_stream_complete, replay_streamed
-from .usage import result_usage, state_response_count
 
 
 def _agent_scope(ex: Executor, context: Any) -> Scope:
@@ -94,23 +94,6 @@ def _is_ordinal(name: str, base: str) -> bool:
     return re.fullmatch(r"\d+", name[len(base) :]) is not None
 
 
-def _usage_rows(step: str, result: Any, agent: Agent[Any], skip: int) -> Sequence[UsageRecord]:
-    return [
-        UsageRecord(
-            dedupe_key=f"{step}|{entry.model}",
-            step=step,
-            model=entry.model,
-            requests=entry.requests,
-            input_tokens=entry.input_tokens,
-            output_tokens=entry.output_tokens,
-            cached_tokens=entry.cached_tokens,
-            reasoning_tokens=entry.reasoning_tokens,
-            total_tokens=entry.total_tokens,
-        )
-        for entry in result_usage(result, agent, skip_responses=skip)
-    ]
-
-
 def _agent_spec(
     ex: Executor, runner: AgentRunner, agent: Agent[Any], input: Any, kwargs: dict[str, Any]
 ) -> StepSpec:
@@ -121,7 +104,6 @@ def _agent_spec(
     parts["input"] = run_input_json(input)
     input_hash, per_part = parts_hash(parts, what=f"input of agent {agent.name!r}")
     name = _claim(ex, _agent_scope(ex, context), agent.name, input_hash)
-    skip = state_response_count(input)
 
     async def decode(payload: Any) -> Any:
         return await decode_result(payload, agent, context)
@@ -137,7 +119,8 @@ def _agent_spec(
         raise_error=lambda record: raise_recorded_error(
             record, context=context, starting_agent=agent
         ),
-        usage=lambda result: _usage_rows(name, result, agent, skip),
+        # Usage is recorded per model call, with each turn's journal entry (T1).
+        transient=TURN,
     )
 
 
@@ -150,11 +133,13 @@ class _Interceptor:
         ex = active_executor()
         if ex is None:
             return await sdk_run(runner, starting_agent, input, kwargs)
+        spec = _agent_spec(ex, runner, starting_agent, input, kwargs)
         try:
-            result: RunResult = await ex.execute(
-                _agent_spec(ex, runner, starting_agent, input, kwargs)
-            )
+            result: RunResult = await ex.execute(spec)
             return result
+        except ModelBehaviorError as exc:
+            await drop_last_turn(ex, spec.name, str(exc))
+            raise
         except StopRun as stop:
             if tool_call_scope(kwargs.get("context")) is not None:
                 raise  # an agent used as a tool: stop the calling agent run too
@@ -182,11 +167,13 @@ class _Interceptor:
                 return  # a tool stopped the run: the agent step did not finish
             try:
                 await ex.conclude(spec, execution, result if error is None else None, error)
+            except ModelBehaviorError as exc:
+                await drop_last_turn(ex, spec.name, str(exc))
             except BaseException:  # the consumer of the stream sees the error itself
                 return
 
         recorded = ex.track(on_stream_complete(streamed, record))
-        return checkpointed_stream(streamed, recorded)
+        return checkpointed_stream(streamed, recorded, turns_of(ex, spec.name).replayed)
 
 
 INTERCEPTOR = _Interceptor()

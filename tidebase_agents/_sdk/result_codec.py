@@ -140,7 +140,7 @@ def encode_result(result: RunResult | RunResultStreaming) -> dict[str, Any]:
             "input": result.input
             if isinstance(result.input, str)
             else run_input_json(result.input),
-            "state": _without_sandbox(blanked_state_json(checkpoint_state(result))),
+            "state": _compact_state(blanked_state_json(checkpoint_state(result))),
             "final_output": _encode_final_output(agent, result.final_output),
             "replay_from_model_input_items": bool(
                 result._replay_from_model_input_items
@@ -156,10 +156,23 @@ def encode_result(result: RunResult | RunResultStreaming) -> dict[str, Any]:
     return payload
 
 
-def _without_sandbox(state_json: dict[str, Any]) -> dict[str, Any]:
+#: Stands for ``generated_items`` when they equal ``session_items`` (a tool loop, say): the
+#: SDK keeps two copies of each item, and a long run's checkpoint was a third duplicates.
+_SAME_AS_SESSION = {"$same_as": "session_items"}
+
+
+def _compact_state(state_json: dict[str, Any]) -> dict[str, Any]:
     # A sandbox section only matters to resume a run inside its sandbox, which a replayed
     # result never does; reading one back makes the SDK import its sandbox extensions.
     state_json.pop("sandbox", None)
+    if state_json.get("generated_items") == state_json.get("session_items"):
+        state_json["generated_items"] = dict(_SAME_AS_SESSION)
+    return state_json
+
+
+def _expanded_state(state_json: dict[str, Any]) -> dict[str, Any]:
+    if state_json.get("generated_items") == _SAME_AS_SESSION:
+        return {**state_json, "generated_items": copy.deepcopy(state_json.get("session_items"))}
     return state_json
 
 
@@ -236,7 +249,7 @@ async def restore_state(
 ) -> tuple[RunState[Any], RunContextWrapper[Any]]:
     """The recorded RunState bound to the live agent graph, and the result's context wrapper."""
     checked = _check_payload(payload)
-    state_json = checked["state"]
+    state_json = _expanded_state(checked["state"])
     live_value = context.context if isinstance(context, RunContextWrapper) else context
     try:
         state = await RunState.from_json(

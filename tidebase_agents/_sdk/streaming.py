@@ -12,9 +12,11 @@ from agents.exceptions import InputGuardrailTripwireTriggered, MaxTurnsExceeded
 from agents.items import HandoffOutputItem
 from agents.run_internal.run_steps import QueueCompleteSentinel  # SDK private
 from agents.run_internal.streaming import stream_step_items_to_queue  # SDK private
-from agents.stream_events import AgentUpdatedStreamEvent
+from agents.stream_events import AgentUpdatedStreamEvent, RawResponsesStreamEvent
 
 from .._engine import StopRun
+from .fingerprint import model_name
+from .model import completed_event
 from .result_codec import apply_state, restore_state
 
 
@@ -75,12 +77,14 @@ def replay_streamed(
 ) -> RunResultStreaming:
     """A ``RunResultStreaming`` replayed from :func:`encode_result` output. Needs a running loop.
 
-    ``stream_events()`` yields the recorded semantic events: an ``AgentUpdatedStreamEvent`` for
-    the starting agent, a ``RunItemStreamEvent`` per item with the SDK's names, another agent
-    update after each handoff, then stops. Raw token deltas (``raw_response_event``) are not
-    replayed. Restoring is async (the SDK's ``RunState.from_json``), so like a live stream the
-    result completes in its ``run_loop_task``; after the events (or awaiting that task) it has
-    ``final_output``, ``new_items``, ``last_agent`` and usage as :func:`decode_result` gives.
+    ``stream_events()`` yields what the first run yielded, less the token deltas: an
+    ``AgentUpdatedStreamEvent`` for the starting agent; per model response a synthesized raw
+    ``response.completed`` event, followed by a ``RunItemStreamEvent`` per item it produced
+    with the SDK's names; another agent update after each handoff. Every event is marked
+    replayed (``is_replayed(event)``). Restoring is async (the SDK's ``RunState.from_json``),
+    so like a live stream the result completes in its ``run_loop_task``; after the events (or
+    awaiting that task) it has ``final_output``, ``new_items``, ``last_agent`` and usage as
+    :func:`decode_result` gives.
     """
     placeholder = context if isinstance(context, RunContextWrapper) else RunContextWrapper(context)
     streamed = RunResultStreaming(
@@ -102,7 +106,7 @@ def replay_streamed(
     streamed.run_loop_task = asyncio.create_task(
         _fill_replayed_stream(streamed, payload, starting_agent, context)
     )
-    return streamed
+    return _marked(streamed, lambda _event: True)
 
 
 async def _fill_replayed_stream(
@@ -118,7 +122,11 @@ async def _fill_replayed_stream(
 
         queue = streamed._event_queue  # SDK private
         queue.put_nowait(AgentUpdatedStreamEvent(new_agent=starting_agent))
+        responses = list(streamed.raw_responses)
         for item in streamed.new_items:
+            while responses and any(item.raw_item == out for out in responses[0].output):
+                raw = completed_event(responses.pop(0), model_name(streamed.current_agent.model))
+                queue.put_nowait(RawResponsesStreamEvent(data=raw))
             stream_step_items_to_queue([item], queue)  # the SDK's item -> event-name mapping
             if isinstance(item, HandoffOutputItem):
                 queue.put_nowait(AgentUpdatedStreamEvent(new_agent=item.target_agent))
@@ -129,11 +137,20 @@ async def _fill_replayed_stream(
 
 
 def checkpointed_stream(
-    streamed: RunResultStreaming, recorded: asyncio.Task[None]
+    streamed: RunResultStreaming, recorded: asyncio.Task[None], replayed: Mapping[int, Any]
 ) -> RunResultStreaming:
     """Make ``stream_events()`` end only once the run's checkpoint task ``recorded`` is done,
-    so a crash right after consuming the stream cannot lose the run. A durable tool that must
-    stop the run (``StopRun``) surfaces as the error it carries."""
+    so a crash right after consuming the stream cannot lose the run, and mark the events of
+    turns replayed from the journal (``replayed``: the objects those turns handed the SDK, by
+    id). A durable tool that must stop the run (``StopRun``) surfaces as the error it carries."""
+
+    def from_journal(event: Any) -> bool:
+        carried = getattr(event, "data", None) or getattr(
+            getattr(event, "item", None), "raw_item", None
+        )
+        return carried is not None and replayed.get(id(carried)) is carried
+
+    _marked(streamed, from_journal)
     events = streamed.stream_events
 
     async def stream_events() -> AsyncIterator[Any]:
@@ -145,6 +162,30 @@ def checkpointed_stream(
             raise stop.error from None
         await asyncio.shield(recorded)
 
+    streamed.stream_events = stream_events  # type: ignore[method-assign]
+    return streamed
+
+
+#: Set on streamed events whose turn (or whole agent run) was replayed from a checkpoint.
+REPLAYED_MARK = "tidebase_replayed"
+
+
+def _marked(streamed: RunResultStreaming, replayed: Callable[[Any], bool]) -> RunResultStreaming:
+    """Set ``tidebase_replayed`` on each event ``stream_events()`` yields."""
+    events = streamed.stream_events
+
+    async def stream_events() -> AsyncIterator[Any]:
+        async for event in events():
+            if replayed(event):
+                setattr(event, REPLAYED_MARK, True)
+            yield event
+
     # An instance attribute shadows the SDK's method for this one stream.
     streamed.stream_events = stream_events  # type: ignore[method-assign]
     return streamed
+
+
+def is_replayed(event: Any) -> bool:
+    """Whether a streamed event came from a checkpoint rather than the model: a turn replayed
+    from the journal, or an agent run replayed whole."""
+    return bool(getattr(event, REPLAYED_MARK, False))

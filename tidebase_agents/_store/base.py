@@ -303,12 +303,26 @@ class Store(QueueOps, abc.ABC):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        transient: str | None = None,
         timeout: float | None = None,
     ) -> None:
         """Insert or update a step under the lease, with its events and usage, in one commit.
 
         ``output_json`` is the step's output already serialized, when the caller has it.
+        Usage an earlier execution recorded for the same steps is marked lost. ``transient``
+        drops the step's nested checkpoints with a name segment starting with it.
         """
+
+    @abc.abstractmethod
+    async def delete_steps(
+        self,
+        lease: Lease,
+        names: Sequence[str],
+        *,
+        event: Event,
+        timeout: float | None = None,
+    ) -> None:
+        """Delete these checkpoints of the run under the lease."""
 
     @abc.abstractmethod
     async def record_usage(
@@ -518,7 +532,8 @@ class Store(QueueOps, abc.ABC):
     ) -> list[dict[str, Any]]:
         """Token sums per group of ``by`` (of ``run``, ``pipeline``, ``model``) and model.
 
-        Each row has the group keys and ``model``, the token sums, ``records``,
+        Each row has the group keys and ``model``, the token sums, ``records``, ``lost_tokens``
+        (spent on work a later attempt did again),
         ``recorded_cost`` (the sum of costs the records carry) and ``unpriced_input`` /
         ``unpriced_output`` / ``unpriced_cached``: tokens of records without a cost.
         """
@@ -528,6 +543,7 @@ class Store(QueueOps, abc.ABC):
             *(_USAGE_GROUPS[k].label(k) for k in dict.fromkeys([*by, "model"])),
             *(func.sum(getattr(UsageRow, c)).label(c) for c in _TOKEN_COLUMNS),
             func.count().label("records"),
+            func.sum(case((UsageRow.lost, UsageRow.total_tokens), else_=0)).label("lost_tokens"),
             func.sum(UsageRow.cost_usd).label("recorded_cost"),
             *(
                 func.sum(case((unpriced, getattr(UsageRow, f"{c}_tokens")), else_=0)).label(

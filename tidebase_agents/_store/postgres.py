@@ -262,6 +262,7 @@ class PostgresStore(Store):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        transient: str | None = None,
         timeout: float | None = None,
     ) -> None:
         await self._fenced(
@@ -271,7 +272,20 @@ class PostgresStore(Store):
             *_step_params(step, utcnow(), output_json),
             _events_param(events),
             _usage_param(usage),
+            *(sql.transient_patterns(step.name, transient) if transient else (None, None)),
             timeout=timeout,
+        )
+
+    async def delete_steps(
+        self,
+        lease: Lease,
+        names: Sequence[str],
+        *,
+        event: Event,
+        timeout: float | None = None,
+    ) -> None:
+        await self._fenced(
+            lease, sql.DELETE_STEPS, 1, list(names), _events_param([event]), timeout=timeout
         )
 
     async def record_usage(

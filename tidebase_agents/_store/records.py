@@ -94,6 +94,8 @@ class UsageRecord:
     reasoning_tokens: int = 0
     total_tokens: int = 0
     cost_usd: float | None = None
+    #: Spent on work a later attempt did again instead of reusing it (billed, not used).
+    lost: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,7 @@ def _events(param: int) -> str:
 
 
 _USAGE_TYPES = {
+    "lost": "boolean",
     "dedupe_key": "text",
     "step": "text",
     "kind": "text",
@@ -94,14 +95,41 @@ _STEP_UPDATES = ", ".join(
 )
 _AFTER_STEP = 5 + len(STEP_WRITE_COLUMNS)
 
-#: Write a step (insert, or update its earlier record) with its events and usage.
+#: Write a step (insert, or update its earlier record) with its events and usage; usage an
+#: earlier execution recorded for the same steps is marked lost (billed, superseded). With a
+#: LIKE pattern in the last parameter, also drop the step's transient nested checkpoints.
 WRITE_STEP = (
     f"WITH {_fence()}, "
     f"step AS (INSERT INTO {STEPS} (run_id, lease_token, {', '.join(STEP_WRITE_COLUMNS)}) "
     f"SELECT $1, $2, {_STEP_PARAMS} FROM fence "
     f"ON CONFLICT (run_id, name) DO UPDATE SET {_STEP_UPDATES}), "
-    f"{_events(_AFTER_STEP)}, {_usage(_AFTER_STEP + 1)} SELECT event_seq FROM fence"
+    f"{_events(_AFTER_STEP)}, {_usage(_AFTER_STEP + 1)}, "
+    f"lost AS (UPDATE {USAGE} u SET lost = true FROM fence, "
+    f"jsonb_to_recordset(${_AFTER_STEP + 1}::jsonb) AS n(dedupe_key text, step text) "
+    f"WHERE u.run_id = $1 AND u.step = n.step AND u.dedupe_key <> n.dedupe_key), "
+    f"drop_nested AS (DELETE FROM {STEPS} d USING fence WHERE ${_AFTER_STEP + 2}::text IS NOT "
+    f"NULL AND d.run_id = $1 AND d.name LIKE ${_AFTER_STEP + 2} ESCAPE '\\' "
+    f"AND d.name LIKE ${_AFTER_STEP + 3} ESCAPE '\\') "
+    f"SELECT event_seq FROM fence"
 )
+
+#: Delete the steps named in $5 (a text array), with the write's events ($6).
+DELETE_STEPS = (
+    f"WITH {_fence()}, del AS (DELETE FROM {STEPS} d USING fence WHERE d.run_id = $1 "
+    f"AND d.name = ANY($5::text[])), {_events(6)} SELECT event_seq FROM fence"
+)
+
+
+def like_escaped(text: str) -> str:
+    """``text`` with LIKE's wildcards escaped (backslash is the escape character)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def transient_patterns(step: str, marker: str) -> tuple[str, str]:
+    """LIKE patterns that together match ``step``'s nested checkpoints with a name segment
+    starting with ``marker``: below the step, and a segment that starts so."""
+    return f"{like_escaped(step)}/%", f"%/{like_escaped(marker)}%"
+
 
 #: End an execution: set the run's status, output and error, release the lease, log the end.
 _FINISH_SETS = (

@@ -17,11 +17,12 @@ import datetime as dt
 import functools
 import inspect
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy import bindparam, event, insert, select, text
+from sqlalchemy import bindparam, delete, event, insert, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -44,6 +45,7 @@ from .records import (
 from .rows import append_event, fence_error, fenced_bump
 from .tables import JSONType, RunRow, StateRow, StepRow, UsageRow, UTCDateTime
 
+_MIGRATING = threading.Lock()
 #: Seconds a writer waits for SQLite's write lock before giving up.
 BUSY_TIMEOUT = 30
 
@@ -89,7 +91,20 @@ class SQLiteStore(Store):
             )
         except OSError as exc:
             raise self.unavailable(exc) from None
-        await self.migrate()
+        # Alembic's migration context is global to the process: event loops in several threads
+        # opening embedded databases at once take turns (acquired off the loop, which may be
+        # migrating another store meanwhile).
+        acquiring = asyncio.ensure_future(asyncio.to_thread(_MIGRATING.acquire))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            # The worker thread takes the lock all the same: give it back when it has.
+            acquiring.add_done_callback(lambda _f: _MIGRATING.release())
+            raise
+        try:
+            await self.migrate()
+        finally:
+            _MIGRATING.release()
 
     @contextlib.contextmanager
     def driver_errors(self) -> Iterator[None]:
@@ -194,6 +209,7 @@ class SQLiteStore(Store):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        transient: str | None = None,
         timeout: float | None = None,
     ) -> None:
         now = utcnow()
@@ -213,7 +229,41 @@ class SQLiteStore(Store):
             seq = await fenced_bump(conn, lease, len(events))
             await conn.execute(stmt)
             await append_event(conn, lease.run_id, seq, *events, at=now)
+            for record in usage:
+                await conn.execute(
+                    update(UsageRow)
+                    .where(
+                        UsageRow.run_id == lease.run_id,
+                        UsageRow.step == record.step,
+                        UsageRow.dedupe_key != record.dedupe_key,
+                    )
+                    .values(lost=True)
+                )
             await self._insert_usage(conn, lease.run_id, usage, now)
+            if transient:
+                below, segment = sql.transient_patterns(step.name, transient)
+                await conn.execute(
+                    delete(StepRow).where(
+                        StepRow.run_id == lease.run_id,
+                        StepRow.name.like(below, escape="\\"),
+                        StepRow.name.like(segment, escape="\\"),
+                    )
+                )
+
+    async def delete_steps(
+        self,
+        lease: Lease,
+        names: Sequence[str],
+        *,
+        event: Event,
+        timeout: float | None = None,
+    ) -> None:
+        async with self.transaction() as conn:
+            seq = await fenced_bump(conn, lease, 1)
+            await conn.execute(
+                delete(StepRow).where(StepRow.run_id == lease.run_id, StepRow.name.in_(names))
+            )
+            await append_event(conn, lease.run_id, seq, event)
 
     async def _insert_usage(
         self, conn: Any, run_id: str, usage: Sequence[UsageRecord], now: dt.datetime

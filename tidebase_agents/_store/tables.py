@@ -33,7 +33,7 @@ from .._errors import CheckpointSerializationError
 from .._vocab import ACTIVE_RUN_STATUSES, ReplayPolicy, sql_list
 
 #: Alembic revision the models correspond to; a database at another revision is not migrated.
-SCHEMA_REVISION = "0002_drop_cancel_requested"
+SCHEMA_REVISION = "0006_usage_lost"
 VERSION_TABLE = "tidebase_alembic_version"
 
 _ACTIVE_DEDUPE = text(f"dedupe_key IS NOT NULL AND status IN {sql_list(ACTIVE_RUN_STATUSES)}")
@@ -212,6 +212,7 @@ class UsageRow(Base):
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     cost_usd: Mapped[float | None] = mapped_column(Float)
+    lost: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (
