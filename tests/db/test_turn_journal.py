@@ -226,3 +226,27 @@ async def test_t1_a_streamed_run_cut_short_resumes_with_replayed_turns_marked(db
         ("tool_called", True),
         ("completed", False),
     ]
+
+
+async def test_t1_a_handoff_between_models_records_each_call_under_its_own(db_url: str) -> None:
+    smart = Named(looping(1, "expert says"), "smart-model")
+    expert = Agent(name="expert", model=smart, tools=[work_tool([])])
+
+    def front_respond(call: Any) -> Any:
+        return tool_calls(("transfer_to_expert", {}))
+
+    front = Agent(
+        name="front", model=Named(policy_model(front_respond), "cheap-model"), handoffs=[expert]
+    )
+
+    @checkpointed_pipeline(f"handoff-{uuid.uuid4().hex[:6]}", database_url=db_url)
+    async def pipeline() -> str:
+        return str((await Runner.run(front, "go")).final_output)
+
+    assert await pipeline(run_id="r-handoff") == "expert says: w1"
+    rows = await Tidebase(db_url).usage_records("r-handoff")
+    assert [(r.step, r.model) for r in rows] == [
+        ("agent:front#1/model#1", "cheap-model"),
+        ("agent:front#1/model#2", "smart-model"),
+        ("agent:front#1/model#3", "smart-model"),
+    ]

@@ -1051,94 +1051,6 @@ def test_recorded_error_usage_goes_into_a_live_parent_context() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_result_usage_splits_by_model_across_a_handoff() -> None:
-    cheap = NamedModel(
-        "cheap",
-        [
-            ModelStep(
-                output=[function_call("transfer_to_expert", {}, call_id="h")],
-                usage=usage(10, 2, cached=4),
-            )
-        ],
-    )
-    smart = NamedModel(
-        "smart",
-        [
-            ModelStep(
-                output=[function_call("noop", {}, call_id="n")], usage=usage(20, 5, reasoning=3)
-            ),
-            ModelStep(output=[message("done")], usage=usage(30, 7)),
-        ],
-    )
-    expert = Agent(name="expert", model=smart, tools=[noop])
-    front = Agent(name="front", model=cheap, handoffs=[expert])
-    result = await Runner.run(front, "go")
-    entries = sdk_usage.result_usage(result, front)
-    assert entries == [
-        sdk_usage.UsageEntry("cheap", 1, 10, 2, 4, 0, 12),
-        sdk_usage.UsageEntry("smart", 2, 50, 12, 0, 3, 62),
-    ]
-    assert sum(e.total_tokens for e in entries) == result.context_wrapper.usage.total_tokens
-    # attribution also works on a replayed result (items and responses rebuilt from JSON)
-    replayed = await sdk_codec.decode_result(
-        json_roundtrip(sdk_codec.encode_result(result)),
-        Agent(
-            name="front", handoffs=[Agent(name="expert", model=smart, tools=[noop])], model=cheap
-        ),
-        None,
-    )
-    assert sdk_usage.result_usage(replayed, front) == entries
-
-
-async def test_result_usage_attributes_identical_items_in_turn_order() -> None:
-    # both agents say the same thing (same item): the second response is still the expert's
-    same = message("working on it", "msg")
-    cheap = NamedModel(
-        "cheap",
-        [
-            ModelStep(
-                output=[same, function_call("transfer_to_expert", {}, call_id="h")],
-                usage=usage(1, 1),
-            )
-        ],
-    )
-    smart = NamedModel("smart", [ModelStep(output=[same], usage=usage(5, 5))])
-    front = Agent(name="front", model=cheap, handoffs=[Agent(name="expert", model=smart)])
-    result = await Runner.run(front, "go")
-    assert [e.model for e in sdk_usage.result_usage(result, front)] == ["cheap", "smart"]
-
-
-async def test_result_usage_attributes_an_empty_answer_to_the_agent_in_charge() -> None:
-    # an empty response produces no item; it was the expert's turn after the handoff
-    cheap = NamedModel(
-        "cheap", [ModelStep(output=[function_call("transfer_to_expert", {}, call_id="h")])]
-    )
-    smart = NamedModel("smart", [ModelStep(output=[], usage=usage(3, 2))])
-    front = Agent(name="front", model=cheap, handoffs=[Agent(name="expert", model=smart)])
-    result = await Runner.run(front, "go")
-    assert result.final_output == "" and result.last_agent.name == "expert"
-    assert [(e.model, e.total_tokens) for e in sdk_usage.result_usage(result, front)] == [
-        ("cheap", 0),
-        ("smart", 5),
-    ]
-
-
-async def test_result_usage_of_a_resumed_run_skips_responses_already_counted() -> None:
-    model = NamedModel("m", [step(function_call("delete_file", {"path": "a"}, call_id="d1"))])
-    agent = Agent(name="ops", model=model, tools=[delete_file])
-    first = await Runner.run(agent, "go")
-    state = first.to_state()
-    state.approve(first.interruptions[0])
-    model.enqueue(ModelStep(output=[message("ok")], usage=usage(1, 1)))
-    skip = sdk_usage.state_response_count(state)
-    resumed = await Runner.run(agent, state)
-    assert skip == 1 and len(resumed.raw_responses) == 2
-    assert sdk_usage.result_usage(resumed, agent, skip_responses=skip) == [
-        sdk_usage.UsageEntry("m", 1, 1, 1, 0, 0, 2)
-    ]
-    assert sdk_usage.state_response_count("text input") == 0
-
-
 async def test_merge_usage_into_adds_requests_tokens_and_entries() -> None:
     result = await Runner.run(
         Agent(name="a", model=ScriptedModel([step(message("x"), inp=4, out=2)])), "go"
@@ -1273,10 +1185,10 @@ async def test_nested_agent_as_tool_runs_are_intercepted_with_a_tool_context(
     assert isinstance(nested.context_wrapper, ToolContext)
     assert sdk_runner.tool_call_scope(RunContextWrapper(context=None)) is None
     # SDK fact the integration relies on: nested tokens land in the parent's usage, while the
-    # parent's raw_responses (hence result_usage) only hold its own responses
+    # parent's raw_responses only hold its own responses
     outer_tokens, sub_tokens = 12 + 23, 6
     assert result.context_wrapper.usage.total_tokens == outer_tokens + sub_tokens
-    assert sum(e.total_tokens for e in sdk_usage.result_usage(result, outer)) == outer_tokens
+    assert sum(r.usage.total_tokens for r in result.raw_responses) == outer_tokens
 
 
 async def test_isolated_usage_keeps_parallel_nested_runs_apart(

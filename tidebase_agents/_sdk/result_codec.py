@@ -281,7 +281,7 @@ async def restore_state(
     if not isinstance(context, RunContextWrapper):
         return state, restored
     # The caller passed a wrapper (a ToolContext in agent-as-tool runs). The recorded usage is
-    # this run's own usage (see sdk_run's isolate_usage), so replay what the run did: add it to the
+    # this run's own usage (see sdk_run's isolate), so replay what the run did: add it to the
     # caller's wrapper, and give the result a copy of the caller's wrapper carrying that usage.
     wrapper = copy.copy(context)
     wrapper.usage = restored.usage
@@ -355,7 +355,7 @@ async def decode_result(
     type; ``context_wrapper.context`` is the caller's live context. If ``context`` is a
     ``RunContextWrapper`` (a ``ToolContext`` in agent-as-tool runs) the recorded usage is added to
     it, as the original run did: call this once per replay, and record such runs with
-    ``sdk_run(..., isolate_usage=True)`` so that the recorded usage is the run's own.
+    ``sdk_run(..., isolate=True)`` so that the recorded usage is the run's own.
     """
     state, wrapper = await restore_state(payload, starting_agent, context)
     result = RunResult(
