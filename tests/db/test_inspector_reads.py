@@ -125,6 +125,14 @@ async def test_run_counts_group_runs_by_status_pipeline_or_queue_under_the_filte
     with pytest.raises(ConfigurationError, match="by must be one of"):
         await tide.run_counts("owner")
 
+    # Capped: a count stops past the cap, and only the statuses asked for are counted.
+    assert await tide.run_counts(cap=2) == {"completed": 3, "queued": 1}
+    assert await tide.run_counts(cap=10, pipeline="beta") == {"completed": 1, "queued": 1}
+    assert await tide.run_counts(cap=1, pipeline=["alpha", "beta"]) == {"completed": 2, "queued": 1}
+    assert await tide.run_counts(cap=2, status=["queued", "failed"]) == {"queued": 1}
+    with pytest.raises(ConfigurationError, match="cap"):
+        await tide.run_counts("pipeline", cap=2)
+
 
 async def test_run_costs_prices_each_run_of_a_page_in_one_read(db_url: str) -> None:
     tide = Tidebase(db_url)

@@ -29,6 +29,7 @@ from sqlalchemy import (
     literal,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -496,14 +497,48 @@ class Store(QueueOps, abc.ABC):
         pipelines: Sequence[str] = (),
         queues: Sequence[str] = (),
         since: dt.datetime | None = None,
+        cap: int | None = None,
     ) -> dict[str | None, int]:
-        """How many runs match, per value of ``by`` (``status``, ``pipeline`` or ``queue``)."""
+        """How many runs match, per value of ``by`` (``status``, ``pipeline`` or ``queue``).
+
+        With ``cap`` (``by="status"`` only) no count goes past ``cap + 1``, so counting costs
+        the same however many runs the table holds: up to ``cap + 1`` matching runs are read,
+        and only if more match, each status is counted on its own index range (by status and
+        creation time), up to ``cap + 1``. A pipeline or queue filter has no such range: the
+        runs it keeps are counted in full, in one read.
+        """
         column = _RUN_COUNT_GROUPS[by]
-        q = _run_filters(select(column, func.count()), statuses, pipelines, queues, since).group_by(
-            column
-        )
+        if cap is not None and column is not RunRow.status:
+            raise ValueError("only counts by status can be capped")
+
+        def grouped(limit: int | None) -> Any:
+            q = _run_filters(select(column), statuses, pipelines, queues, since).limit(limit)
+            sample = q.subquery()
+            return select(sample.c[0], func.count()).group_by(sample.c[0])
+
         async with self.connect() as conn:
-            return {key: int(n) for key, n in (await conn.execute(q)).all()}
+
+            async def counts(q: Any) -> dict[str | None, int]:
+                return {key: int(n) for key, n in (await conn.execute(q)).all() if n}
+
+            if cap is None or pipelines or queues:
+                found = await counts(grouped(None))
+                return found if cap is None else {k: min(n, cap + 1) for k, n in found.items()}
+            found = await counts(grouped(cap + 1))
+            if sum(found.values()) <= cap:
+                return found
+            return await counts(
+                union_all(
+                    *(
+                        select(literal(str(s)), func.count()).select_from(
+                            _run_filters(select(RunRow.run_id), [s], (), (), since)
+                            .limit(cap + 1)
+                            .subquery()
+                        )
+                        for s in statuses or list(RunStatus)
+                    )
+                )
+            )
 
     async def get_events(self, run_id: str) -> list[EventRecord]:
         async with self.connect() as conn:

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,6 +40,7 @@ from .._vocab import RunStatus
 from . import charts, views
 
 COOKIE = "tidebase_ui"
+NAMES_TTL = 60.0
 EVENTS_SHOWN = 500
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -146,6 +148,7 @@ def _environment() -> jinja2.Environment:
         span=views.span,
         usd=views.usd,
         num=views.count,
+        capped=views.capped,
         clock=lambda t: t.astimezone(dt.timezone.utc).strftime("%H:%M:%S"),
     )
     return env
@@ -169,6 +172,18 @@ def create_app(
         context.setdefault("refresh", None)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
 
+    known: dict[str, list[str]] = {}
+    known_at = [-NAMES_TTL]
+
+    async def names() -> dict[str, list[str]]:
+        """The pipelines and queues runs have, for the filters' suggestions: counting them
+        reads every run, so they are read at most once a minute."""
+        if time.monotonic() - known_at[0] >= NAMES_TTL:
+            for key, by in (("pipelines", "pipeline"), ("queues", "queue")):
+                known[key] = sorted(str(v) for v in await tide.run_counts(by) if v)
+            known_at[0] = time.monotonic()
+        return known
+
     async def home(request: Request) -> Response:
         return RedirectResponse("/runs", 302)
 
@@ -187,8 +202,13 @@ def create_app(
         costs = await tide.run_costs([r.run_id for r in result.runs], prices=prices)
         # Counted without the status filter: each status box says what ticking it would show.
         status_counts = await tide.run_counts(
-            "status", pipeline=filters.pipelines, queue=filters.queues, since=since
+            "status",
+            pipeline=filters.pipelines,
+            queue=filters.queues,
+            since=since,
+            cap=views.COUNT_CAP,
         )
+        shown = [s for s in status_counts if not filters.statuses or s in filters.statuses]
         return page(
             request,
             "runs.html",
@@ -199,11 +219,10 @@ def create_app(
             newest=filters.query(before="") if filters.before else None,
             statuses=[str(s) for s in RunStatus],
             status_counts=status_counts,
-            matching=sum(
-                n for s, n in status_counts.items() if not filters.statuses or s in filters.statuses
-            ),
-            pipelines=sorted(p for p in await tide.run_counts("pipeline") if p),
-            queues=sorted(q for q in await tide.run_counts("queue") if q),
+            matching=sum(min(status_counts[s], views.COUNT_CAP) for s in shown),
+            matching_capped=any(status_counts[s] > views.COUNT_CAP for s in shown),
+            pipelines=(await names())["pipelines"],
+            queues=(await names())["queues"],
             since_choices=_choices(filters.since),
             refresh=views.REFRESH_SECONDS
             if views.refreshes([r.status for r in result.runs])
@@ -284,7 +303,7 @@ def create_app(
             charts=views.usage_charts(rows, by, shown),
             note=note,
             totals=totals,
-            pipelines=sorted(p for p in await tide.run_counts("pipeline") if p),
+            pipelines=(await names())["pipelines"],
         )
 
     async def failed(request: Request, exc: Exception) -> Response:

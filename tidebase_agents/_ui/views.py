@@ -28,6 +28,8 @@ PAYLOAD_CAP = 200_000
 #: Run statuses a page keeps refreshing for: something is (about to be) happening.
 LIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.FAILED_RETRYABLE})
 REFRESH_SECONDS = 3
+#: Status counts stop here ("10,000+"), so the runs page costs the same at any table size.
+COUNT_CAP = 10_000
 #: The ``since`` choices the runs and usage pages offer (any other value is accepted too).
 SINCE_CHOICES = ("15m", "1h", "24h", "7d", "30d", "90d")
 CLI = "tidebase-agents"
@@ -67,6 +69,11 @@ def count(n: float) -> str:
     if n >= 10_000:
         return f"{n / 1000:.0f}k"
     return f"{n:,.0f}"
+
+
+def capped(n: int) -> str:
+    """A count from a capped read: past :data:`COUNT_CAP` it only says so."""
+    return f"{COUNT_CAP:,}+" if n > COUNT_CAP else f"{n:,}"
 
 
 @dataclasses.dataclass(frozen=True)
