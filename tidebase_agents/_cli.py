@@ -563,7 +563,7 @@ def ui(
     host: Annotated[
         str, typer.Option(help="Address to serve on; any but loopback needs a token.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to serve on.")] = 8321,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8321,
     token: Annotated[
         str | None,
         typer.Option(

@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +20,7 @@ import pytest
 from agentkit_common import close_engines as close_engines
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
-from ui_support import PAYLOAD
+from ui_support import PAYLOAD, free_port
 from wk_support import CLI, child_env
 
 from tidebase_agents import Run, Tidebase
@@ -88,6 +91,34 @@ def test_without_the_ui_extra_the_command_says_how_to_install_it() -> None:
 def test_the_ui_command_is_listed_by_the_cli() -> None:
     proc = subprocess.run([*CLI, "ui", "--help"], env=child_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and "--token" in proc.stdout and "8321" in proc.stdout
+
+
+def test_the_command_serves_the_inspector_and_guards_it_with_the_token(seeded: str) -> None:
+    port = free_port()
+    env = child_env(seeded, TIDEBASE_UI_TOKEN=TOKEN)
+    server = subprocess.Popen([*CLI, "ui", "--port", str(port)], env=env, stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline().decode()
+        assert banner.strip() == f"tidebase inspector (read-only) on http://127.0.0.1:{port}/"
+        assert seeded.rpartition("@")[-1] not in banner  # the database is not named
+        url = f"http://127.0.0.1:{port}/runs"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401  # up, and refusing a request without the token
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "did not start"
+                time.sleep(0.1)
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200 and "r-1" in response.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_with_a_token_every_request_must_carry_it(seeded: str) -> None:

@@ -26,7 +26,7 @@ COLLAPSE_CHARS = 1200
 COLLAPSE_LINES = 30
 PAYLOAD_CAP = 200_000
 #: Run statuses a page keeps refreshing for: something is (about to be) happening.
-LIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.FAILED_RETRYABLE})
+LIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 REFRESH_SECONDS = 3
 #: Status counts stop here ("10,000+"), so the runs page costs the same at any table size.
 COUNT_CAP = 10_000
