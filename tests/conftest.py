@@ -25,7 +25,7 @@ os.environ.pop("TIDEBASE_DATABASE_URL", None)
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 from agents import set_tracing_disabled
-from harness import REQUIRE_PG, pg_admin, pg_url_of
+from harness import REQUIRE_PG, fresh_pg_database, pg_admin, pg_url_of
 
 set_tracing_disabled(True)
 
@@ -55,12 +55,6 @@ def pg_template() -> Iterator[str | None]:
     asyncio.run(migrate())
     yield name
     pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def fresh_pg_database(template: str) -> str:
-    name = f"tidebase_t_{uuid.uuid4().hex[:12]}"
-    pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    return name
 
 
 def _temporary_pg_database(pg_template: str | None, *, migrated: bool) -> Iterator[str]:

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -24,15 +23,17 @@ from rich.table import Table
 
 from . import _codec
 from ._config import ENV_URL, redact, resolve_database_url
-from ._errors import DatabaseUnavailable, SchemaNotMigrated, TidebaseError
+from ._errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated, TidebaseError
+from ._inspect import attempt_of_tokens, error_text, parse_since
 from ._pricing import load_prices, parse_group_by, record_cost
 from ._store import DEFAULT_QUEUE, EventRecord, RunRecord, StepRecord, close_stores
 from ._tidebase import Tidebase
-from ._vocab import EventKind, ReviewAction, RunStatus, StepStatus
+from ._vocab import ReviewAction, RunStatus, StepStatus
 
 T = TypeVar("T")
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_NOT_MIGRATED = 3
 EXIT_UNREACHABLE = 4
 
@@ -124,33 +125,12 @@ def _status(status: str) -> str:
     return f"[{style}]{status}[/]" if style else status
 
 
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        head = error.get("failure_class") or error.get("type", "")
-        message = str(error.get("message", ""))
-        return f"{head}: {message}" if head and message else head or message
-    return "" if error is None else str(error)
-
-
-_SINCE = re.compile(r"^(\d+)([smhd])$")
-
-
 def _since(value: str | None) -> dt.datetime | None:
     """``30m``, ``2h``, ``7d`` ago, or an ISO-8601 timestamp (UTC if it has no offset)."""
-    if not value:
-        return None
-    m = _SINCE.match(value)
-    if m:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m[2]]
-        return dt.datetime.now(dt.timezone.utc) - dt.timedelta(**{unit: int(m[1])})
     try:
-        when = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(
-            f"{value!r} is neither a duration (30m, 2h, 7d) nor an ISO timestamp",
-            param_hint="--since",
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+        return parse_since(value)
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
 
 
 def _use_database(url: str | None) -> None:
@@ -246,35 +226,15 @@ def runs_list(
             f"{r.attempts}/{r.max_attempts}" if r.max_attempts else str(r.attempts),
             _when(r.created_at),
             _when(r.finished_at),
-            _error_text(r.error)[:120],
+            error_text(r.error)[:120],
         )
     out.print(table)
-
-
-_ACQUISITIONS = (
-    EventKind.RUN_STARTED,
-    EventKind.RUN_RESUMED,
-    EventKind.LEASE_TAKEN_OVER,
-    EventKind.RUN_CLAIMED,
-)
-
-
-def _attempt_of_tokens(events: list[EventRecord]) -> dict[int, int]:
-    """Map lease tokens to attempt numbers from the events of each acquisition."""
-    attempts: dict[int, int] = {}
-    n = 0
-    for e in events:
-        if e.kind in _ACQUISITIONS:
-            n += 1
-            data = e.data if isinstance(e.data, dict) else {}
-            attempts[int(data.get("token", 1 if e.kind == EventKind.RUN_STARTED else n))] = n
-    return attempts
 
 
 def _timeline(
     run: RunRecord, steps: list[StepRecord], events: list[EventRecord]
 ) -> list[dict[str, Any]]:
-    by_token = _attempt_of_tokens(events)
+    by_token = attempt_of_tokens(events)
     rows = []
     for s in steps:
         attempt = by_token.get(s.lease_token, s.lease_token)
@@ -354,7 +314,7 @@ def runs_show(
         + (f"  lease {run.lease_owner}" if run.lease_owner else "")
     )
     if run.error:
-        out.print(f"error: {_error_text(run.error)}", markup=False)
+        out.print(f"error: {error_text(run.error)}", markup=False)
 
     table = Table(title="steps", title_justify="left")
     for col in ("#", "step", "status", "attempts", "duration", "origin"):
@@ -597,6 +557,43 @@ def usage(
     unpriced = sorted({str(m) for r in report for m in r["unpriced_models"]})
     if unpriced:
         out.print(f"no price for: {', '.join(unpriced)} (add them with --prices FILE)")
+
+
+# -- inspector -----------------------------------------------------------------------------
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(help="Address to serve on; any but loopback needs a token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8321,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEBASE_UI_TOKEN",
+            help="Every request must carry it (Authorization: Bearer, or ?token= once).",
+            show_default=False,
+        ),
+    ] = None,
+    prices: Annotated[
+        str | None, typer.Option(help="JSON price table overriding the defaults.")
+    ] = None,
+) -> None:
+    """Serve the read-only run inspector (runs, step timelines, usage) in the browser."""
+    try:
+        from ._ui.server import BindRefused, check_bind, serve
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith(__package__ or "tidebase_agents"):
+            raise
+        _fail("the inspector needs the ui extra: pip install 'tidebase-agents[ui]'")
+    try:
+        check_bind(host, token)
+    except BindRefused as exc:
+        _fail(str(exc), EXIT_USAGE)
+    _prices(prices)
+    serve(host, port, database_url=_url(ctx), token=token, prices=prices)
 
 
 # -- worker --------------------------------------------------------------------------------

@@ -18,9 +18,12 @@ from ._ids import new_run_id, process_owner, validate_run_id
 from ._pricing import load_prices, parse_group_by, usage_report
 from ._store import (
     DEFAULT_QUEUE,
+    RUN_COUNT_KEYS,
     EventRecord,
     NewRun,
     QueuedRun,
+    RunCursor,
+    RunPage,
     RunRecord,
     StateVersion,
     StepRecord,
@@ -256,6 +259,95 @@ class Tidebase:
             since=since,
             limit=limit,
         )
+
+    async def runs_page(
+        self,
+        *,
+        status: RunStatus | str | Sequence[RunStatus | str] = (),
+        pipeline: str | Sequence[str] = (),
+        queue: str | Sequence[str] = (),
+        since: dt.datetime | None = None,
+        before: RunCursor | None = None,
+        limit: int = 50,
+    ) -> RunPage:
+        """A page of runs, newest first, filtered like :meth:`list_runs`; pass a page's
+        ``next`` as ``before`` for the page after it. As fast deep in the list as at its top."""
+        if not 0 < limit <= 1000:
+            raise ConfigurationError(f"limit must be between 1 and 1000, got {limit!r}")
+        statuses = [parse(RunStatus, s, "status") for s in _many(status)]
+        return await (await self._open()).runs_page(
+            statuses=statuses,
+            pipelines=_many(pipeline),
+            queues=_many(queue),
+            since=since,
+            before=before,
+            limit=limit,
+        )
+
+    async def run_counts(
+        self,
+        by: str = "status",
+        *,
+        status: RunStatus | str | Sequence[RunStatus | str] = (),
+        pipeline: str | Sequence[str] = (),
+        queue: str | Sequence[str] = (),
+        since: dt.datetime | None = None,
+        cap: int | None = None,
+    ) -> dict[str | None, int]:
+        """How many runs match the filters, per ``status``, ``pipeline`` or ``queue``.
+
+        ``cap`` (counts by status only) stops each count past ``cap``: a count of ``cap + 1``
+        means "more than ``cap``", and the read costs the same at any table size.
+        """
+        if by not in RUN_COUNT_KEYS:
+            raise ConfigurationError(f"by must be one of {', '.join(RUN_COUNT_KEYS)}, got {by!r}")
+        if cap is not None and (by != "status" or cap < 1):
+            raise ConfigurationError("cap takes a positive count, and only counts by status")
+        statuses = [parse(RunStatus, s, "status") for s in _many(status)]
+        return await (await self._open()).count_runs(
+            by,
+            statuses=statuses,
+            pipelines=_many(pipeline),
+            queues=_many(queue),
+            since=since,
+            cap=cap,
+        )
+
+    async def run_costs(
+        self, run_ids: Sequence[str], *, prices: str | os.PathLike[str] | None = None
+    ) -> dict[str, float | None]:
+        """What each of ``run_ids`` cost in USD (None: a model without a price); runs that
+        recorded no usage are left out. One query for the whole page of runs."""
+        if not run_ids:
+            return {}
+        table = load_prices(prices)
+        totals = await (await self._open()).usage_totals(["run"], run_ids=run_ids)
+        return {r["run"]: r["cost_usd"] for r in usage_report(totals, ["run"], table)}
+
+    async def usage_over_time(
+        self,
+        bucket: dt.timedelta,
+        by: str | Sequence[str] = ("pipeline", "model"),
+        *,
+        pipeline: str | None = None,
+        since: dt.datetime | None = None,
+        prices: str | os.PathLike[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """:meth:`usage` per time bucket of length ``bucket`` (whole seconds, counted from the
+        epoch in UTC): each row also holds ``bucket``, the bucket's start, oldest first."""
+        seconds = int(bucket.total_seconds())
+        if seconds < 1 or seconds != bucket.total_seconds():
+            raise ConfigurationError(f"bucket must be a whole number of seconds, got {bucket}")
+        keys = parse_group_by(by)
+        table = load_prices(prices)
+        totals = await (await self._open()).usage_totals(
+            keys, pipeline=pipeline, since=since, bucket_seconds=seconds
+        )
+        rows = usage_report(totals, ["bucket", *keys], table)
+        for row in rows:
+            row["bucket"] = dt.datetime.fromtimestamp(int(row["bucket"]), dt.timezone.utc)
+        rows.sort(key=lambda r: r["bucket"])
+        return rows
 
     async def steps(self, run_id: str) -> list[StepRecord]:
         """Every step checkpoint of a run, in the order they were first written."""

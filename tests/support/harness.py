@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 PG_ADMIN_URL = os.environ.get(
@@ -35,6 +36,13 @@ async def _pg_admin(*statements: str) -> None:
 def pg_admin(*statements: str) -> None:
     """Run statements on the admin database (CREATE / DROP DATABASE)."""
     asyncio.run(_pg_admin(*statements))
+
+
+def fresh_pg_database(template: str) -> str:
+    """A new database cloned from ``template``; returns its name."""
+    name = f"tidebase_t_{uuid.uuid4().hex[:12]}"
+    pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return name
 
 
 def run_child(

@@ -72,6 +72,24 @@ def test_only_the_sdk_package_imports_the_agents_sdk() -> None:
         ),
         ("tidebase_agents._engine", ["_sdk", "_tidebase", "_pipeline", "_worker", "_cli"]),
         ("tidebase_agents._sdk", ["_tidebase", "_pipeline", "_worker", "_cli"]),
+        # The inspector reads through the facade: records, never the store's machinery.
+        (
+            "tidebase_agents._ui",
+            ["_engine", "_sdk", "_pipeline", "_worker", "_cli"]
+            + [
+                f"_store.{m}"
+                for m in (
+                    "base",
+                    "postgres",
+                    "sqlite",
+                    "queue",
+                    "registry",
+                    "rows",
+                    "sql",
+                    "tables",
+                )
+            ],
+        ),
     ],
 )
 def test_layers_import_only_downwards(layer: str, forbidden: list[str]) -> None:
@@ -83,6 +101,21 @@ def test_layers_import_only_downwards(layer: str, forbidden: list[str]) -> None:
         if any(_in(target, f"tidebase_agents.{f}") for f in forbidden)
     ]
     assert crossings == []
+
+
+_UI_STACK = ("starlette", "jinja2", "uvicorn")
+
+
+def test_only_the_inspector_needs_the_ui_extra_and_only_the_cli_loads_it() -> None:
+    outside = [
+        f"{path.relative_to(PACKAGE)}:{line} imports {target}"
+        for path, module in MODULES.items()
+        if not _in(module, "tidebase_agents._ui")
+        for target, line in _imports(path)
+        if any(_in(target, dep) for dep in _UI_STACK)
+        or (_in(target, "tidebase_agents._ui") and module != "tidebase_agents._cli")
+    ]
+    assert outside == []
 
 
 def test_no_import_circles_among_the_library_modules() -> None:

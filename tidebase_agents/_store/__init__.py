@@ -5,7 +5,7 @@ fenced writes each backend makes its own way, ``queue`` the queue operations, ``
 statements, ``tables`` the SQLAlchemy models, ``records`` what goes in and out.
 """
 
-from .base import USAGE_GROUP_KEYS, Listener, Store
+from .base import RUN_COUNT_KEYS, USAGE_GROUP_KEYS, Listener, Store
 from .queue import DEFAULT_QUEUE, Backoff
 from .records import (
     Acquired,
@@ -16,6 +16,8 @@ from .records import (
     NewRun,
     QueuedRun,
     ReconcileReport,
+    RunCursor,
+    RunPage,
     RunRecord,
     StateVersion,
     StepRecord,
@@ -26,6 +28,7 @@ from .registry import close_stores, get_store
 
 __all__ = [
     "DEFAULT_QUEUE",
+    "RUN_COUNT_KEYS",
     "USAGE_GROUP_KEYS",
     "Acquired",
     "Backoff",
@@ -37,6 +40,8 @@ __all__ = [
     "NewRun",
     "QueuedRun",
     "ReconcileReport",
+    "RunCursor",
+    "RunPage",
     "RunRecord",
     "StateVersion",
     "StepRecord",

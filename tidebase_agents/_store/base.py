@@ -17,9 +17,21 @@ import contextlib
 import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from sqlalchemy import case, event, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    case,
+    cast,
+    event,
+    extract,
+    func,
+    literal,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._config import redact
@@ -51,6 +63,8 @@ from .records import (
     EventRecord,
     Lease,
     NewRun,
+    RunCursor,
+    RunPage,
     RunRecord,
     StateVersion,
     StepRecord,
@@ -69,6 +83,10 @@ from .rows import (
     locked_run,
 )
 from .tables import EventRow, RunRow, StateRow, StepRow, UsageRow
+
+if TYPE_CHECKING:
+    from sqlalchemy import Select
+    from typing_extensions import Unpack
 
 #: How long closing a store waits for operations still in flight (seconds).
 CLOSE_GRACE = 30.0
@@ -475,17 +493,89 @@ class Store(QueueOps, abc.ABC):
         limit: int = 100,
     ) -> list[RunRecord]:
         """Runs newest first, filtered by any of the given statuses, pipelines and queues."""
-        q = select(*RUN_COLUMNS).order_by(RunRow.created_at.desc()).limit(limit)
-        if statuses:
-            q = q.where(RunRow.status.in_([str(s) for s in statuses]))
-        if pipelines:
-            q = q.where(RunRow.pipeline.in_(list(pipelines)))
-        if queues:
-            q = q.where(RunRow.queue.in_(list(queues)))
-        if since:
-            q = q.where(RunRow.created_at >= since)
+        q = _run_filters(select(*RUN_COLUMNS), statuses, pipelines, queues, since)
+        q = q.order_by(RunRow.created_at.desc()).limit(limit)
         async with self.connect() as conn:
             return [run_from_mapping(r._mapping) for r in await conn.execute(q)]
+
+    async def runs_page(
+        self,
+        *,
+        statuses: Sequence[RunStatus] = (),
+        pipelines: Sequence[str] = (),
+        queues: Sequence[str] = (),
+        since: dt.datetime | None = None,
+        before: RunCursor | None = None,
+        limit: int = 50,
+    ) -> RunPage:
+        """Runs in keyset order (newest ``created_at`` first, then ``run_id``) after ``before``.
+
+        The row comparison walks an index from the cursor on, so a deep page costs what the
+        first one does, however many runs the table holds.
+        """
+        q = _run_filters(select(*RUN_COLUMNS), statuses, pipelines, queues, since)
+        if before is not None:
+            q = q.where(
+                tuple_(RunRow.created_at, RunRow.run_id) < (before.created_at, before.run_id)
+            )
+        q = q.order_by(RunRow.created_at.desc(), RunRow.run_id.desc()).limit(limit + 1)
+        async with self.connect() as conn:
+            runs = [run_from_mapping(r._mapping) for r in await conn.execute(q)]
+        if len(runs) <= limit:
+            return RunPage(runs, None)
+        last = runs[limit - 1]
+        return RunPage(runs[:limit], RunCursor(last.created_at, last.run_id))
+
+    async def count_runs(
+        self,
+        by: str,
+        *,
+        statuses: Sequence[RunStatus] = (),
+        pipelines: Sequence[str] = (),
+        queues: Sequence[str] = (),
+        since: dt.datetime | None = None,
+        cap: int | None = None,
+    ) -> dict[str | None, int]:
+        """How many runs match, per value of ``by`` (``status``, ``pipeline`` or ``queue``).
+
+        With ``cap`` (``by="status"`` only) no count goes past ``cap + 1``, so counting costs
+        the same however many runs the table holds: up to ``cap + 1`` matching runs are read,
+        and only if more match, each status is counted on its own index range (by status and
+        creation time), up to ``cap + 1``. A pipeline or queue filter has no such range: the
+        runs it keeps are counted in full, in one read.
+        """
+        column = _RUN_COUNT_GROUPS[by]
+        if cap is not None and column is not RunRow.status:
+            raise ValueError("only counts by status can be capped")
+
+        def grouped(limit: int | None) -> Any:
+            q = _run_filters(select(column), statuses, pipelines, queues, since).limit(limit)
+            sample = q.subquery()
+            return select(sample.c[0], func.count()).group_by(sample.c[0])
+
+        async with self.connect() as conn:
+
+            async def counts(q: Any) -> dict[str | None, int]:
+                return {key: int(n) for key, n in (await conn.execute(q)).all() if n}
+
+            if cap is None or pipelines or queues:
+                found = await counts(grouped(None))
+                return found if cap is None else {k: min(n, cap + 1) for k, n in found.items()}
+            found = await counts(grouped(cap + 1))
+            if sum(found.values()) <= cap:
+                return found
+            return await counts(
+                union_all(
+                    *(
+                        select(literal(str(s)), func.count()).select_from(
+                            _run_filters(select(RunRow.run_id), [s], (), (), since)
+                            .limit(cap + 1)
+                            .subquery()
+                        )
+                        for s in statuses or list(RunStatus)
+                    )
+                )
+            )
 
     async def get_events(self, run_id: str) -> list[EventRecord]:
         async with self.connect() as conn:
@@ -529,6 +619,8 @@ class Store(QueueOps, abc.ABC):
         pipeline: str | None = None,
         run_id: str | None = None,
         since: dt.datetime | None = None,
+        run_ids: Sequence[str] | None = None,
+        bucket_seconds: int | None = None,
     ) -> list[dict[str, Any]]:
         """Token sums per group of ``by`` (of ``run``, ``pipeline``, ``model``) and model.
 
@@ -536,11 +628,16 @@ class Store(QueueOps, abc.ABC):
         (spent on work a later attempt did again),
         ``recorded_cost`` (the sum of costs the records carry) and ``unpriced_input`` /
         ``unpriced_output`` / ``unpriced_cached``: tokens of records without a cost.
+        ``run_ids`` keeps only those runs' records. With ``bucket_seconds`` the sums are
+        also per time bucket: ``bucket`` is the start of the record's bucket in epoch seconds.
         """
         unpriced = UsageRow.cost_usd.is_(None)
-        groups = [_USAGE_GROUPS[k] for k in dict.fromkeys([*by, "model"])]
+        keyed = {k: _USAGE_GROUPS[k] for k in dict.fromkeys([*by, "model"])}
+        if bucket_seconds is not None:
+            keyed["bucket"] = _epoch_bucket(UsageRow.created_at, bucket_seconds)
+        groups = list(keyed.values())
         cols = [
-            *(_USAGE_GROUPS[k].label(k) for k in dict.fromkeys([*by, "model"])),
+            *(column.label(k) for k, column in keyed.items()),
             *(func.sum(getattr(UsageRow, c)).label(c) for c in _TOKEN_COLUMNS),
             func.count().label("records"),
             func.sum(case((UsageRow.lost, UsageRow.total_tokens), else_=0)).label("lost_tokens"),
@@ -559,5 +656,46 @@ class Store(QueueOps, abc.ABC):
             q = q.where(UsageRow.run_id == run_id)
         if since:
             q = q.where(UsageRow.created_at >= since)
+        if run_ids is not None:
+            q = q.where(UsageRow.run_id.in_(list(run_ids)))
         async with self.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(q)]
+
+
+_RUN_COUNT_GROUPS = {"status": RunRow.status, "pipeline": RunRow.pipeline, "queue": RunRow.queue}
+RUN_COUNT_KEYS = tuple(_RUN_COUNT_GROUPS)
+
+
+# Any select statement, whatever its columns (a string: SQLAlchemy 2.0 and 2.1 spell it apart).
+S = TypeVar("S", bound="Select[Unpack[tuple[Any, ...]]]")
+
+
+def _run_filters(
+    q: S,
+    statuses: Sequence[RunStatus],
+    pipelines: Sequence[str],
+    queues: Sequence[str],
+    since: dt.datetime | None,
+) -> S:
+    """``q`` limited to runs in any of ``statuses``, ``pipelines`` and ``queues``, created
+    since ``since`` (an empty filter keeps every run)."""
+    if statuses:
+        q = q.where(RunRow.status.in_([str(s) for s in statuses]))
+    if pipelines:
+        q = q.where(RunRow.pipeline.in_(list(pipelines)))
+    if queues:
+        q = q.where(RunRow.queue.in_(list(queues)))
+    if since:
+        q = q.where(RunRow.created_at >= since)
+    return q
+
+
+def _epoch_bucket(column: Any, seconds: int) -> Any:
+    """The start (epoch seconds) of the ``seconds``-long bucket holding ``column``'s time.
+
+    ``epoch - epoch % n`` floors on both backends (SQLite's epoch is whole seconds, PostgreSQL's
+    a numeric); the width is rendered inline so the GROUP BY repeats the same expression.
+    """
+    width = literal(int(seconds), BigInteger, literal_execute=True)
+    epoch = extract("epoch", column)
+    return cast(epoch - epoch % width, BigInteger)

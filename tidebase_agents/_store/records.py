@@ -41,6 +41,23 @@ class RunRecord:
     finished_at: dt.datetime | None
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class RunCursor:
+    """Where a page of runs ends, in their order: newest ``created_at`` first, then ``run_id``."""
+
+    created_at: dt.datetime
+    run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPage:
+    """A page of runs, newest first; ``next`` is where the following page starts (None at the
+    end)."""
+
+    runs: list[RunRecord]
+    next: RunCursor | None
+
+
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
     """A step's checkpoint as stored (also what a step write sends).

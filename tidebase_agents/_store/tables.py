@@ -33,7 +33,7 @@ from .._errors import CheckpointSerializationError
 from .._vocab import ACTIVE_RUN_STATUSES, ReplayPolicy, sql_list
 
 #: Alembic revision the models correspond to; a database at another revision is not migrated.
-SCHEMA_REVISION = "0006_usage_lost"
+SCHEMA_REVISION = "0007_inspector_indexes"
 VERSION_TABLE = "tidebase_alembic_version"
 
 _ACTIVE_DEDUPE = text(f"dedupe_key IS NOT NULL AND status IN {sql_list(ACTIVE_RUN_STATUSES)}")
@@ -128,6 +128,9 @@ class RunRow(Base):
     __table_args__ = (
         Index("ix_tidebase_runs_status_pipeline", "status", "pipeline"),
         Index("ix_tidebase_runs_pipeline_created", "pipeline", "created_at"),
+        # Keyset pages of runs (Store.runs_page), of all runs and of one status.
+        Index("ix_tidebase_runs_created", "created_at", "run_id"),
+        Index("ix_tidebase_runs_status_created", "status", "created_at", "run_id"),
         Index("ix_tidebase_runs_lease_expires", "status", "lease_expires_at"),
         Index("ix_tidebase_runs_claim", "queue", "status", "priority", "scheduled_at"),
         Index(
