@@ -26,8 +26,10 @@ from .._hashing import parts_hash, sha256_hex
 from .._store import UsageRecord, utcnow
 from .._vocab import DecisionKind
 from .agent_runner import sdk_run, sdk_run_streamed, tool_call_scope
+from .context import effective_context
 from .errors import encode_agent_error, raise_recorded_error
 from .fingerprint import agent_fingerprint, run_input_json, run_options_parts
+from .replay import replay_finisher, with_replay_extras
 from .result_codec import decode_result, encode_result
 from .session import DurableSession
 from .streaming import checkpointed_stream, on_stream_complete, replay_streamed
@@ -114,7 +116,7 @@ def _usage_rows(step: str, result: Any, agent: Agent[Any], skip: int) -> Sequenc
 def _agent_spec(
     ex: Executor, runner: AgentRunner, agent: Agent[Any], input: Any, kwargs: dict[str, Any]
 ) -> StepSpec:
-    context = kwargs.get("context")
+    context = effective_context(kwargs.get("context"), input)
     if kwargs.get("session") is not None and not isinstance(kwargs["session"], DurableSession):
         kwargs = {**kwargs, "session": DurableSession(kwargs["session"], ex)}
     parts = {**agent_fingerprint(agent), **run_options_parts(kwargs)}
@@ -126,7 +128,7 @@ def _agent_spec(
     async def decode(payload: Any) -> Any:
         return await decode_result(payload, agent, context)
 
-    return StepSpec(
+    spec = StepSpec(
         name=name,
         fn=lambda: sdk_run(runner, agent, input, kwargs, isolate=True),
         input_hash=input_hash,
@@ -139,6 +141,7 @@ def _agent_spec(
         ),
         usage=lambda result: _usage_rows(name, result, agent, skip),
     )
+    return with_replay_extras(spec, agent, input, kwargs, context)
 
 
 class _Interceptor:
@@ -170,7 +173,9 @@ class _Interceptor:
         decision = ex.lookup(spec)
         if decision.kind == DecisionKind.REPLAY:
             assert decision.record is not None
-            return replay_streamed(decision.record.output, starting_agent, kwargs.get("context"))
+            context = effective_context(kwargs.get("context"), input)
+            finish = replay_finisher(starting_agent, input, kwargs, context)
+            return replay_streamed(decision.record.output, starting_agent, context, finish)
         # Agent steps declare no side effects, so starting one writes nothing: the stream can
         # start right away and its checkpoint is written when its run task ends.
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())
