@@ -4,6 +4,7 @@ untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Sequence
@@ -153,6 +154,11 @@ class _Interceptor:
         ex = active_executor()
         if ex is None:
             return await sdk_run(runner, starting_agent, input, kwargs)
+        if asyncio.get_running_loop() is not ex.loop:
+            # run_sync from a worker thread runs its own loop: the step, and the database
+            # connections it writes through, belong to the pipeline's loop.
+            call = self.run(runner, starting_agent, input, kwargs)
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, ex.loop))
         try:
             result: RunResult = await ex.execute(
                 _agent_spec(ex, runner, starting_agent, input, kwargs)
