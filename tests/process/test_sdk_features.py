@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,31 @@ def test_mcp_tool_that_answered_is_not_called_again(runs: Runs) -> None:
     assert resumed["result"] == f"your number is {issued[0]['result']} (durable: lasting)"
     (ref_issued,) = [row for row in reference["ledger"] if row["tool"] == "issue_number"]
     assert reference["result"] == f"your number is {ref_issued['result']} (durable: lasting)"
+
+
+def test_mcp_keyed_call_in_doubt_reexecutes_with_the_same_key(runs: Runs) -> None:
+    resumed = runs.resumed_ok("mcp_keyed_in_doubt", "in_call")
+    first, again = resumed["ledger"]  # the call, and the same call again after the crash
+    assert first["key"] and again["key"] == first["key"]
+    assert again.get("repeat") is True and again["result"] == first["result"]  # deduplicated
+    assert resumed["result"] == f"got {first['result']}"
+    assert resumed["parked"] is None
+
+
+def test_mcp_unkeyed_call_in_doubt_parks_for_review(runs: Runs) -> None:
+    resumed = runs.resumed_ok("mcp_unkeyed_in_doubt", "in_call")
+    assert resumed["result"] is None
+    assert re.fullmatch(r"agent:clerk#1/mcp:ledger:issue_number:[0-9a-f]{12}#1", resumed["parked"])
+    (issued,) = resumed["ledger"]  # not called again
+    assert issued["key"] is None
+    assert runs.reference_of("mcp_unkeyed_in_doubt")["parked"] is None
+
+
+def test_mcp_read_only_call_in_doubt_runs_again(runs: Runs) -> None:
+    resumed = runs.resumed_ok("mcp_read_only_in_doubt", "in_call")
+    assert resumed["result"] == runs.reference_of("mcp_read_only_in_doubt")["result"]
+    assert resumed["result"] == "got durable: lasting"
+    assert [row["tool"] for row in resumed["ledger"]] == ["lookup", "lookup"]
 
 
 # -- handoffs, agents as tools, guardrails, outputs, behaviours, instructions ---------------------

@@ -70,6 +70,7 @@ from pydantic_core import to_jsonable_python
 
 from tidebase_agents import (
     NotDurableWarning,
+    StepNeedsReview,
     checkpointed_pipeline,
     durable_mcp,
     durable_tool,
@@ -851,14 +852,19 @@ async def approval(kit: Kit) -> dict[str, Any]:
 # -- MCP over stdio -------------------------------------------------------------------------------
 
 
+def _ledger_params(kit: Kit) -> dict[str, Any]:
+    log = kit.directory / "ledger.log"
+    return {"command": sys.executable, "args": [str(SUPPORT / "mcp_ledger_server.py"), str(log)]}
+
+
+def _ledger(kit: Kit) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in read_lines(kit.directory / "ledger.log")]
+
+
 @scenario
 async def mcp(kit: Kit) -> dict[str, Any]:
-    log = kit.directory / "ledger.log"
     stdio = MCPServerStdio(
-        params={
-            "command": sys.executable,
-            "args": [str(SUPPORT / "mcp_ledger_server.py"), str(log)],
-        },
+        params=_ledger_params(kit),  # type: ignore[arg-type]
         name="ledger",
         cache_tools_list=True,
         client_session_timeout_seconds=30,
@@ -881,7 +887,70 @@ async def mcp(kit: Kit) -> dict[str, Any]:
 
     async with server:
         output = await kit.call(pipeline)
-    return {"result": output, "ledger": [json.loads(line) for line in read_lines(log)]}
+    return {"result": output, "ledger": _ledger(kit)}
+
+
+class PausingStdioServer(MCPServerStdio):
+    """A stdio MCP server whose answers to one tool reach the caller only past a crash point:
+    a crash there leaves the call in doubt (the server answered, nothing was checkpointed)."""
+
+    def __init__(self, kit: Kit, tool: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.kit = kit
+        self.pausing_tool = tool
+
+    async def call_tool(
+        self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None = None
+    ) -> Any:
+        result = await super().call_tool(tool_name, arguments, meta=meta)
+        if tool_name == self.pausing_tool:
+            await self.kit.point("in_call")
+        return result
+
+
+def _mcp_in_doubt(mode: str) -> Scenario:
+    """A call of an MCP tool declared ``mode`` (keyed, unkeyed or read_only), in doubt."""
+    tool, arguments = (
+        ("lookup", {"term": "durable"}) if mode == "read_only" else ("issue_number", {})
+    )
+
+    async def run(kit: Kit) -> dict[str, Any]:
+        stdio = PausingStdioServer(
+            kit, tool, params=_ledger_params(kit), name="ledger", client_session_timeout_seconds=30
+        )
+        server = durable_mcp(
+            stdio,
+            side_effects=["ledger"],
+            read_only={"lookup"},
+            idempotency="meta" if mode == "keyed" else None,
+        )
+
+        def respond(call: Any) -> Any:
+            done = outputs_of(call, tool)
+            return message(f"got {done[0]}") if done else tool_calls((tool, arguments))
+
+        agent = Agent(name="clerk", mcp_servers=[server], model=policy_model(respond))
+
+        @kit.pipeline(f"mcp-{mode}")
+        async def pipeline() -> str:
+            result = await Runner.run(agent, "go")
+            return str(result.final_output)
+
+        output, parked = None, None
+        async with server:
+            try:
+                output = await kit.call(pipeline)
+            except StepNeedsReview as exc:
+                parked = exc.step
+        return {"result": output, "parked": parked, "ledger": _ledger(kit)}
+
+    run.__name__ = run.__qualname__ = f"mcp_{mode}_in_doubt"
+    return scenario(run)
+
+
+mcp_keyed_in_doubt = _mcp_in_doubt("keyed")
+mcp_unkeyed_in_doubt = _mcp_in_doubt("unkeyed")
+mcp_read_only_in_doubt = _mcp_in_doubt("read_only")
 
 
 # -- run_sync -------------------------------------------------------------------------------------
@@ -962,6 +1031,9 @@ JOBS: list[tuple[str, str]] = [
     ("session_memory", "after_turn_1"),
     ("approval", "after_approved_run"),
     ("mcp", "after_mcp_answer"),
+    ("mcp_keyed_in_doubt", "in_call"),
+    ("mcp_unkeyed_in_doubt", "in_call"),
+    ("mcp_read_only_in_doubt", "in_call"),
     ("run_sync", "after_run_sync"),
     ("max_turns", "after_max_turns"),
 ]
