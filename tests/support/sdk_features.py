@@ -79,7 +79,8 @@ from tidebase_agents import (
     register_types,
 )
 
-LEASE = 2.0
+#: Long enough for the heartbeats of twenty runs in one loaded process; a resume waits it out.
+LEASE = 5.0
 SUPPORT = Path(__file__).parent
 
 Scenario = Callable[["Kit"], Awaitable[dict[str, Any]]]
@@ -238,10 +239,11 @@ async def customer_service(kit: Kit) -> dict[str, Any]:
             return tool_calls(("transfer_to_faq_agent", {}))
         return tool_calls(("transfer_to_seat_booking_agent", {}))
 
-    def seat(call: Any) -> Any:
+    async def seat(call: Any) -> Any:
         text = user_text(call)
         done = outputs_of(call, "update_seat")
         if done:
+            await kit.point("after_seat_tool")
             return message(f"Your seat is booked. {done[0]}")
         if "ABC123" in text:
             return tool_calls(("update_seat", {"confirmation_number": "ABC123", "new_seat": "12A"}))
@@ -1019,6 +1021,7 @@ JOBS: list[tuple[str, str]] = [
     ("customer_service", "after_turn_2"),
     ("customer_service", "after_turn_3"),
     ("customer_service", "in_write"),
+    ("customer_service", "after_seat_tool"),
     ("handoffs", "after_handoff"),
     ("agents_as_tools", "after_tools"),
     ("guardrails", "after_guardrails"),

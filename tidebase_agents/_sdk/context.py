@@ -2,7 +2,9 @@
 
 An agent step's checkpoint holds, beside the SDK's ``RunState`` (whose context stays blanked),
 a JSON snapshot of the context as the step ended. Replaying the step brings the caller's live
-context object to that state *in place*, so every reference the caller holds sees it.
+context object to that state *in place*, so every reference the caller holds sees it. A
+durable tool call's checkpoint holds one too, so that an agent run re-executed after a crash
+sees the context as the calls it replays left it.
 
 Snapshots carry no class names: they are encoded and decoded with the type of the caller's
 live object (R14). Supported on their own: pydantic models, dataclasses (through pydantic) and
@@ -26,7 +28,7 @@ from agents import RunContextWrapper
 from agents.run_state import RunState
 from pydantic import BaseModel, TypeAdapter
 
-from .._engine import current_pipeline_options
+from .._engine import StepSpec, current_pipeline_options
 from .._errors import CheckpointSerializationError, NotDurableWarning
 
 
@@ -53,6 +55,10 @@ _PYDANTIC = "pydantic"
 _DATACLASS = "dataclass"
 _MAPPING = "mapping"
 _CODEC = "codec"
+
+#: How a durable tool call's checkpoint holds its output beside the context: a top-level "$t"
+#: object the step codec never writes for a value (it escapes dicts with that key).
+_WITH_CONTEXT = "with_context"
 
 _warned: set[type] = set()
 _warned_lock = threading.Lock()
@@ -242,3 +248,28 @@ def restore(context: Any, recorded: Any) -> None:
             f"the recorded context no longer validates as {what}: {exc}"
         ) from None
     _assign(value, rebuilt, set(data) if isinstance(data, dict) else None)
+
+
+def with_context_snapshots(spec: StepSpec, context: Any) -> StepSpec:
+    """``spec`` (a durable tool call made with ``context``) whose checkpoint also holds the
+    run context as the call left it, and whose replay restores it: an agent run re-executed
+    after a crash replays the calls its first attempt finished, and sees the context as they
+    changed it. Checkpoints without a context replay as before."""
+    if _value(context) is None:
+        return spec
+    encode, decode = spec.encode, spec.decode
+
+    def encode_call(value: Any) -> Any:
+        encoded = encode(value)
+        recorded = snapshot(context)
+        if recorded is None:
+            return encoded
+        return {"$t": _WITH_CONTEXT, "v": encoded, "context": recorded}
+
+    async def decode_call(data: Any) -> Any:
+        if isinstance(data, dict) and data.get("$t") == _WITH_CONTEXT:
+            restore(context, data.get("context"))
+            data = data.get("v")
+        return await decode(data)
+
+    return dataclasses.replace(spec, encode=encode_call, decode=decode_call)
