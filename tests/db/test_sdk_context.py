@@ -18,6 +18,7 @@ from agents import (
     Agent,
     AgentHooks,
     GuardrailFunctionOutput,
+    MaxTurnsExceeded,
     OutputGuardrailTripwireTriggered,
     RunContextWrapper,
     RunHooks,
@@ -282,6 +283,34 @@ async def test_run_from_a_state_without_context_replays_with_the_states_context(
     replayed, state_context = seen[1]
     assert replayed is state_context
     assert replayed == {"tenant": "t1", "charged": 5}
+
+
+async def test_run_ending_in_max_turns_replays_the_context_it_failed_with(db_url: str) -> None:
+    @function_tool
+    def tick(context: RunContextWrapper[Basket]) -> str:
+        """Count a tick."""
+        context.context.items.append("tick")
+        return "ticked"
+
+    agent = Agent(
+        name="ticker", tools=[tick], model=policy_model(lambda call: tool_calls(("tick", {})))
+    )
+    contexts: list[Basket] = []
+
+    @checkpointed_pipeline("ctx-max-turns", database_url=db_url)
+    async def pipeline() -> str:
+        contexts.append(Basket())
+        with pytest.raises(MaxTurnsExceeded):
+            await Runner.run(agent, "tick", context=contexts[-1], max_turns=1)
+        if len(contexts) == 1:
+            raise Interrupted
+        return "done"
+
+    with pytest.raises(Interrupted):
+        await pipeline(run_id="ctx-max-turns")
+    assert await pipeline(run_id="ctx-max-turns") == "done"
+    assert len(agent.model.calls) == 1  # type: ignore[union-attr]
+    assert contexts[1] == contexts[0] == Basket(items=["tick"])
 
 
 # -- guardrails and hooks -------------------------------------------------------------------------

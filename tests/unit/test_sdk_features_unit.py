@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import Agent, SQLiteSession
+from agents import Agent, SQLiteSession, output_guardrail
 from agents.extensions.memory import SQLAlchemySession
 from agents.mcp import MCPServer, MCPServerStdio
 from mcp.types import CallToolResult, TextContent
@@ -143,6 +143,19 @@ def test_guardrail_output_info_types_come_back_only_when_registered() -> None:
     tampered = {**known, "type": "os:system"}
     assert sdk_guardrails._info(tampered, None, "fallback") == "fallback"
     assert sdk_guardrails._typed_info({"plain": "json"}) is None  # the SDK keeps those
+
+
+class Scored(BaseModel):
+    score: int
+
+
+def test_guardrail_output_info_types_named_by_the_guardrails_annotations_come_back() -> None:
+    async def check(ctx: Any, agent: Any, output: Scored) -> Any: ...
+
+    guardrail = output_guardrail(check)
+    typed = sdk_guardrails._typed_info(Scored(score=3))
+    assert sdk_guardrails._info(typed, None, "fallback") == "fallback"  # nothing names it yet
+    assert sdk_guardrails._info(typed, guardrail, "fallback") == Scored(score=3)
 
 
 def test_payload_keys_and_replay_flag_outside_hooks() -> None:
