@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import Agent, SQLiteSession, output_guardrail
+from agentkit_common import message, policy_model
+from agents import Agent, Runner, SQLiteSession, output_guardrail
 from agents.extensions.memory import SQLAlchemySession
 from agents.mcp import MCPServer, MCPServerStdio
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel
 
 from tidebase_agents import (
+    CheckpointSerializationError,
     ConfigurationError,
     DurableMCPServer,
     durable_mcp,
@@ -23,8 +25,9 @@ from tidebase_agents import (
 )
 from tidebase_agents._sdk import fingerprint as sdk_fp
 from tidebase_agents._sdk import guardrails as sdk_guardrails
+from tidebase_agents._sdk import result_codec as sdk_codec
 from tidebase_agents._sdk import session as sdk_session
-from tidebase_agents._sdk.replay import EXTRA_PAYLOAD_KEYS
+from tidebase_agents._sdk.result_codec import EXTRA_PAYLOAD_KEYS
 
 
 class EchoServer(MCPServer):
@@ -158,6 +161,12 @@ def test_guardrail_output_info_types_named_by_the_guardrails_annotations_come_ba
     assert sdk_guardrails._info(typed, guardrail, "fallback") == Scored(score=3)
 
 
-def test_payload_keys_and_replay_flag_outside_hooks() -> None:
-    assert frozenset({"context", "guardrails"}) == EXTRA_PAYLOAD_KEYS
-    assert is_replaying() is False
+async def test_agent_checkpoints_may_hold_the_extra_keys_and_nothing_else() -> None:
+    agent = Agent(name="a", model=policy_model(lambda call: message("hi")))
+    payload = sdk_codec.encode_result(await Runner.run(agent, "go"))
+    assert sdk_codec._check_payload(payload) is payload  # as written before the extras
+    extended = {**payload, **{key: {} for key in EXTRA_PAYLOAD_KEYS}}
+    assert sdk_codec._check_payload(extended) is extended
+    with pytest.raises(CheckpointSerializationError, match="bogus"):
+        sdk_codec._check_payload({**extended, "bogus": 1})
+    assert is_replaying() is False  # outside hooks fired for a replay

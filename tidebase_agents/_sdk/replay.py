@@ -23,9 +23,6 @@ from .context import restore, snapshot
 from .guardrails import encode_guardrails, encode_tripwire, restore_guardrails, restore_tripwire
 from .hooks import fire_replayed_hooks
 
-#: Optional top-level keys of an agent checkpoint payload (absent in older checkpoints).
-EXTRA_PAYLOAD_KEYS = frozenset({"context", "guardrails"})
-
 
 def _add_extras(target: dict[str, Any], context: Any, guardrails: Any) -> dict[str, Any]:
     recorded = snapshot(context)
