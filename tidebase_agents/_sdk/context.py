@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import threading
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -30,6 +29,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from .._engine import StepSpec, current_pipeline_options
 from .._errors import CheckpointSerializationError, NotDurableWarning
+from .result_codec import _is_plain_json
 
 
 @runtime_checkable
@@ -79,19 +79,6 @@ def effective_context(context: Any, run_input: Any) -> Any:
 
 def _value(context: Any) -> Any:
     return context.context if isinstance(context, RunContextWrapper) else context
-
-
-def _is_plain_json(value: Any) -> bool:
-    kind = type(value)
-    if value is None or kind in (str, bool, int):
-        return True
-    if kind is float:
-        return math.isfinite(value)
-    if kind is list:
-        return all(_is_plain_json(v) for v in value)
-    if kind is dict:
-        return all(type(k) is str and _is_plain_json(v) for k, v in value.items())
-    return False
 
 
 def _kind(value: Any) -> str | None:
