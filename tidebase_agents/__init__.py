@@ -9,6 +9,7 @@ from ._errors import (
     ConfigurationError,
     DatabaseUnavailable,
     LeaseLost,
+    NotDurableWarning,
     PayloadTooLarge,
     RunCancelled,
     RunConflict,
@@ -29,21 +30,30 @@ from ._vocab import ReplayPolicy, ReviewAction, RunStatus, StepStatus
 from ._worker import WorkerOptions, run_worker
 
 if TYPE_CHECKING:
+    from ._sdk.context import ContextCodec
+    from ._sdk.hooks import is_replaying
+    from ._sdk.mcp import DurableMCPServer, durable_mcp
     from ._sdk.streaming import is_replayed
     from ._sdk.tools import durable_tool
 
+#: Names of the SDK integration, loaded on first use so the CLI and workers start fast.
+_SDK_NAMES = {
+    "ContextCodec": "context",
+    "DurableMCPServer": "mcp",
+    "durable_mcp": "mcp",
+    "durable_tool": "tools",
+    "is_replayed": "streaming",
+    "is_replaying": "hooks",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # The Agents SDK loads on first use of these, so the CLI and workers start fast.
-    if name == "durable_tool":
-        from ._sdk.tools import durable_tool
+    module = _SDK_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tidebase_agents' has no attribute {name!r}")
+    import importlib
 
-        return durable_tool
-    if name == "is_replayed":
-        from ._sdk.streaming import is_replayed
-
-        return is_replayed
-    raise AttributeError(f"module 'tidebase_agents' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"._sdk.{module}", __name__), name)
 
 
 __all__ = [
@@ -51,9 +61,12 @@ __all__ = [
     "CheckpointSerializationError",
     "CheckpointedPipeline",
     "ConfigurationError",
+    "ContextCodec",
     "DatabaseUnavailable",
+    "DurableMCPServer",
     "EventRecord",
     "LeaseLost",
+    "NotDurableWarning",
     "NotInRun",
     "PayloadTooLarge",
     "ReplayPolicy",
@@ -80,9 +93,11 @@ __all__ = [
     "WorkerOptions",
     "checkpointed_pipeline",
     "current_run",
+    "durable_mcp",
     "durable_tool",
     "idempotency_key",
     "is_replayed",
+    "is_replaying",
     "register_types",
     "run_worker",
 ]

@@ -104,6 +104,16 @@ def _field_hints(cls: type) -> Iterable[Any]:
     return []
 
 
+def class_ref(cls: type) -> str:
+    """How checkpoints name a class (``module:qualname``)."""
+    return _class_ref(cls)
+
+
+def registered_type(ref: str) -> type | None:
+    """The registered class a checkpoint's ``module:qualname`` names, or None."""
+    return _registry.get(ref)
+
+
 def _check_registered(cls: type, what: str, path: str) -> str:
     ref = _class_ref(cls)
     if _registry.get(ref) is not cls:

@@ -1,4 +1,5 @@
-"""Exception types raised by tidebase-agents. Every one derives from :class:`TidebaseError`."""
+"""Exception types raised by tidebase-agents, every one under :class:`TidebaseError`, and the
+warning it gives about what will not survive a crash."""
 
 from __future__ import annotations
 
@@ -152,3 +153,8 @@ class CheckpointSerializationError(TidebaseError):
 
 class PayloadTooLarge(CheckpointSerializationError):
     """A checkpoint payload exceeds the configured size limit."""
+
+
+class NotDurableWarning(UserWarning):
+    """Something a pipeline uses will not survive a crash as it is (an in-memory session, a run
+    context that cannot be checkpointed); the message says what and what to do."""

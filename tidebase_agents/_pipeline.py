@@ -6,13 +6,17 @@ import datetime as dt
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _codec
+from ._engine import PipelineOptions, reset_pipeline_options, set_pipeline_options
 from ._errors import ConfigurationError, RunNotFound
 from ._hashing import sha256_hex
 from ._store import DEFAULT_QUEUE
 from ._tidebase import Tidebase, _sdk_installed
+
+if TYPE_CHECKING:
+    from ._sdk.context import ContextCodec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,6 +52,7 @@ class CheckpointedPipeline(Generic[P, R]):
         tide: Tidebase | None = None,
         database_url: str | None = None,
         lease_seconds: float | None = None,
+        context_codec: ContextCodec | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@checkpointed_pipeline needs an async function, got {fn!r}")
@@ -59,9 +64,18 @@ class CheckpointedPipeline(Generic[P, R]):
             )
         if tide is not None and (database_url is not None or lease_seconds is not None):
             raise TypeError("pass either tide= or database_url=/lease_seconds=, not both")
+        if context_codec is not None and not (
+            callable(getattr(context_codec, "dump", None))
+            and callable(getattr(context_codec, "restore", None))
+        ):
+            raise ConfigurationError(
+                f"context_codec of pipeline {name!r} needs dump(context) and "
+                f"restore(context, data) methods, got {context_codec!r}"
+            )
         self.fn = fn
         _codec.register_annotations(fn)
         self.name = name
+        self.options = PipelineOptions(context_codec=context_codec)
         if tide is None:
             tide = (
                 Tidebase(database_url, lease_seconds=lease_seconds)
@@ -95,7 +109,11 @@ class CheckpointedPipeline(Generic[P, R]):
         claim_token: int | None = None,
     ) -> R:
         async def body(_run: Any) -> R:
-            return await self.fn(*_codec.decode(data["args"]), **_codec.decode(data["kwargs"]))
+            token = set_pipeline_options(self.options)
+            try:
+                return await self.fn(*_codec.decode(data["args"]), **_codec.decode(data["kwargs"]))
+            finally:
+                reset_pipeline_options(token)
 
         result: R = await self.tide._execute(
             self.name,
@@ -172,6 +190,7 @@ def checkpointed_pipeline(
     database_url: str | None = None,
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
+    context_codec: ContextCodec | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], CheckpointedPipeline[P, R]]: ...
 
 
@@ -182,13 +201,17 @@ def checkpointed_pipeline(
     database_url: str | None = None,
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
+    context_codec: ContextCodec | None = None,
 ) -> Any:
     """Make an async pipeline function durable.
 
     Inside it, every ``Runner.run`` / ``run_sync`` / ``run_streamed`` and every
     ``@durable_tool`` call is a checkpoint. Usable bare (the name is ``module:qualname``) or
     with a name; ``database_url`` or ``tide`` pick the database (default
-    ``$TIDEBASE_DATABASE_URL``, else embedded SQLite).
+    ``$TIDEBASE_DATABASE_URL``, else embedded SQLite). Agent checkpoints hold the run context
+    as each agent run left it (pydantic models, dataclasses and dicts of JSON values on their
+    own); ``context_codec`` (``dump(context) -> JSON`` and ``restore(context, data)``, in place)
+    checkpoints any other context.
     """
     if callable(name):
         fn = name
@@ -201,6 +224,7 @@ def checkpointed_pipeline(
             tide=tide,
             database_url=database_url,
             lease_seconds=lease_seconds,
+            context_codec=context_codec,
         )
 
     return decorate

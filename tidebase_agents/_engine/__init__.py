@@ -13,10 +13,14 @@ from .spec import (
     RUN_CONTROL,
     Decision,
     Execution,
+    PipelineOptions,
     StepSpec,
     StopRun,
+    current_pipeline_options,
     decode_value,
     register_reentrant_output,
+    reset_pipeline_options,
+    set_pipeline_options,
 )
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "Execution",
     "Executor",
     "NotInRun",
+    "PipelineOptions",
     "Run",
     "Scope",
     "StepSpec",
@@ -33,6 +38,7 @@ __all__ = [
     "ToolCall",
     "active_executor",
     "check_input_size",
+    "current_pipeline_options",
     "current_run",
     "current_scope",
     "current_tool_call",
@@ -41,4 +47,6 @@ __all__ = [
     "execute_run",
     "idempotency_key",
     "register_reentrant_output",
+    "reset_pipeline_options",
+    "set_pipeline_options",
 ]

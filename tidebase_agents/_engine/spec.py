@@ -8,6 +8,7 @@ is.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
@@ -104,3 +105,32 @@ def register_reentrant_output(cls: type) -> None:
 
 def is_reentrant(value: Any) -> bool:
     return any(isinstance(value, cls) for cls in _reentrant)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """Options of the pipeline being executed, for the packages plugged into the engine (the
+    engine carries them and never reads them)."""
+
+    #: Snapshots and restores the user's run context in agent checkpoints (the SDK package).
+    context_codec: Any = None
+
+
+_NO_OPTIONS = PipelineOptions()
+_pipeline_options: contextvars.ContextVar[PipelineOptions | None] = contextvars.ContextVar(
+    "tidebase_pipeline_options", default=None
+)
+
+
+def current_pipeline_options() -> PipelineOptions:
+    """The options of the pipeline whose body is running (defaults outside one)."""
+    return _pipeline_options.get() or _NO_OPTIONS
+
+
+def set_pipeline_options(options: PipelineOptions) -> contextvars.Token[PipelineOptions | None]:
+    """Make ``options`` current for the calling code and the tasks it starts."""
+    return _pipeline_options.set(options)
+
+
+def reset_pipeline_options(token: contextvars.Token[PipelineOptions | None]) -> None:
+    _pipeline_options.reset(token)

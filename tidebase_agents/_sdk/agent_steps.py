@@ -4,6 +4,7 @@ untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -26,9 +27,11 @@ from .._hashing import parts_hash, sha256_hex
 from .._store import utcnow
 from .._vocab import DecisionKind
 from .agent_runner import sdk_run, sdk_run_streamed, tool_call_scope
+from .context import effective_context
 from .errors import encode_agent_error, raise_recorded_error
 from .fingerprint import agent_fingerprint, run_input_json, run_options_parts
 from .model import TURN, drop_last_turn, turns_of
+from .replay import replay_finisher, with_replay_extras
 from .result_codec import decode_result, encode_result
 from .session import DurableSession
 from .streaming import checkpointed_stream, on_stream_complete, replay_streamed
@@ -97,7 +100,7 @@ def _is_ordinal(name: str, base: str) -> bool:
 def _agent_spec(
     ex: Executor, runner: AgentRunner, agent: Agent[Any], input: Any, kwargs: dict[str, Any]
 ) -> StepSpec:
-    context = kwargs.get("context")
+    context = effective_context(kwargs.get("context"), input)
     if kwargs.get("session") is not None and not isinstance(kwargs["session"], DurableSession):
         kwargs = {**kwargs, "session": DurableSession(kwargs["session"], ex)}
     parts = {**agent_fingerprint(agent), **run_options_parts(kwargs)}
@@ -108,7 +111,7 @@ def _agent_spec(
     async def decode(payload: Any) -> Any:
         return await decode_result(payload, agent, context)
 
-    return StepSpec(
+    spec = StepSpec(
         name=name,
         fn=lambda: sdk_run(runner, agent, input, kwargs, isolate=True),
         input_hash=input_hash,
@@ -122,6 +125,7 @@ def _agent_spec(
         # Usage is recorded per model call, with each turn's journal entry (T1).
         transient=TURN,
     )
+    return with_replay_extras(spec, agent, input, kwargs, context)
 
 
 class _Interceptor:
@@ -133,6 +137,11 @@ class _Interceptor:
         ex = active_executor()
         if ex is None:
             return await sdk_run(runner, starting_agent, input, kwargs)
+        if asyncio.get_running_loop() is not ex.loop:
+            # run_sync from a worker thread runs its own loop: the step, and the database
+            # connections it writes through, belong to the pipeline's loop.
+            call = self.run(runner, starting_agent, input, kwargs)
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, ex.loop))
         spec = _agent_spec(ex, runner, starting_agent, input, kwargs)
         try:
             result: RunResult = await ex.execute(spec)
@@ -155,7 +164,9 @@ class _Interceptor:
         decision = ex.lookup(spec)
         if decision.kind == DecisionKind.REPLAY:
             assert decision.record is not None
-            return replay_streamed(decision.record.output, starting_agent, kwargs.get("context"))
+            context = effective_context(kwargs.get("context"), input)
+            finish = replay_finisher(starting_agent, input, kwargs, context)
+            return replay_streamed(decision.record.output, starting_agent, context, finish)
         # Agent steps declare no side effects, so starting one writes nothing: the stream can
         # start right away and its checkpoint is written when its run task ends.
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())

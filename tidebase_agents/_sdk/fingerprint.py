@@ -92,8 +92,10 @@ def agent_fingerprint(agent: Agent[Any]) -> dict[str, Any]:
 
     Each top-level key is a *part*, so a mismatch can name what changed. Optional
     parts (``tool_use_behavior``, guardrails) appear only when they differ from the SDK default,
-    so that adding parts in a later release leaves existing agents' hashes unchanged. MCP server
-    tools are not covered: they are only known after an async ``list_tools`` call.
+    so that adding parts in a later release leaves existing agents' hashes unchanged. MCP servers
+    count by name only: their tools are known only from an async ``list_tools`` call to a
+    connected server (a replay must not need one), and a list that a server, its filters or a
+    cache may answer differently between attempts would turn finished checkpoints stale.
     """
     tools: list[dict[str, Any]] = []
     for tool in agent.tools:
@@ -124,6 +126,8 @@ def agent_fingerprint(agent: Agent[Any]) -> dict[str, Any]:
         fingerprint["input_guardrails"] = [g.get_name() for g in agent.input_guardrails]
     if agent.output_guardrails:
         fingerprint["output_guardrails"] = [g.get_name() for g in agent.output_guardrails]
+    if agent.mcp_servers:
+        fingerprint["mcp_servers"] = sorted(server.name for server in agent.mcp_servers)
     return fingerprint
 
 

@@ -215,6 +215,8 @@ _STATE_KEYS = frozenset(
 _PAYLOAD_KEYS = frozenset(
     {"codec", "sdk", "input", "state", "final_output", "replay_from_model_input_items"}
 )
+#: Optional keys beside them (see ``replay``): absent from checkpoints written before them.
+EXTRA_PAYLOAD_KEYS = frozenset({"context", "guardrails"})
 
 
 def _shape_error(what: str) -> CheckpointSerializationError:
@@ -229,10 +231,10 @@ def _check_payload(payload: Any) -> dict[str, Any]:
         raise CheckpointSerializationError(
             f"checkpoint codec {payload.get('codec')!r} is not supported (expected {CODEC_VERSION})"
         )
-    if set(payload) != _PAYLOAD_KEYS:
-        raise _shape_error(
-            f"keys {sorted(set(payload) ^ _PAYLOAD_KEYS)} differ from a checkpoint's"
-        )
+    keys = set(payload)
+    if not _PAYLOAD_KEYS <= keys <= _PAYLOAD_KEYS | EXTRA_PAYLOAD_KEYS:
+        odd = (keys ^ _PAYLOAD_KEYS) - EXTRA_PAYLOAD_KEYS
+        raise _shape_error(f"keys {sorted(odd)} differ from a checkpoint's")
     state = payload["state"]
     if not isinstance(state, dict):
         raise _shape_error("its state is not an object")

@@ -12,20 +12,81 @@ attempt's. Each session call made inside an agent step is therefore a step of it
 What remains: a crash in the moment between the session's own commit and the commit of that
 call's checkpoint repeats that one write on resume (the session store and the checkpoint store
 do not share a transaction).
+
+A run replayed from its checkpoint does not touch its session, so a session must outlive the
+process to hold the conversation after a crash: one kept in memory (``SQLiteSession`` without a
+file, a SQLAlchemy session on an in-memory SQLite, fakeredis) comes back empty. Using one in a
+pipeline warns once per session type.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Any
 
 from .._engine import Executor, StepSpec, current_scope
+from .._errors import NotDurableWarning
 from .._hashing import sha256_hex
+
+_warned: set[type] = set()
+_warned_lock = threading.Lock()
+
+
+def kept_in_memory(session: Any, depth: int = 0) -> bool:
+    """Whether ``session`` keeps its items only in this process (attribute reads, no I/O).
+
+    Knows the SDK's own stores and the wrappers around them; unknown sessions count as
+    durable.
+    """
+    if depth > 8:
+        return False
+    for attribute in ("inner", "underlying_session"):  # DurableSession, encryption, compaction
+        inner = getattr(session, attribute, None)
+        if inner is not None and inner is not session:
+            return kept_in_memory(inner, depth + 1)
+    db_path = vars(session).get("db_path") if hasattr(session, "__dict__") else None
+    if db_path is not None:  # SQLiteSession, AdvancedSQLiteSession, AsyncSQLiteSession
+        # "" is a private temporary file, deleted when the connection closes.
+        return str(db_path) in (":memory:", "")
+    url = getattr(getattr(session, "_engine", None), "url", None)  # SQLAlchemySession
+    if url is not None and hasattr(url, "get_backend_name"):
+        database = str(url.database or "")
+        return url.get_backend_name() == "sqlite" and (
+            database in ("", ":memory:")
+            or database.startswith("file::memory:")
+            or url.query.get("mode") == "memory"
+        )
+    redis = getattr(session, "_redis", None)  # RedisSession
+    return redis is not None and type(redis).__module__.startswith("fakeredis")
+
+
+def warn_if_kept_in_memory(session: Any) -> None:
+    """Warn once per session type that an in-memory session loses the conversation on a
+    crash."""
+    cls = type(session)
+    if not kept_in_memory(session):
+        return
+    with _warned_lock:
+        if cls in _warned:
+            return
+        _warned.add(cls)
+    warnings.warn(
+        f"the session ({cls.__module__}.{cls.__qualname__}) is kept in memory: after a crash "
+        f"the resumed run replays its finished agent runs without writing to the session, so "
+        f"it comes back without the conversation and the next turn starts from nothing. Use a "
+        f"session stored outside the process (SQLiteSession with a file, SQLAlchemySession on "
+        f"your database)",
+        NotDurableWarning,
+        stacklevel=3,
+    )
 
 
 class DurableSession:
     """Wraps ``inner`` so that its calls inside a pipeline replay instead of repeating."""
 
     def __init__(self, inner: Any, executor: Executor) -> None:
+        warn_if_kept_in_memory(inner)
         self.inner = inner
         self.executor = executor
         self.session_id = inner.session_id

@@ -73,7 +73,10 @@ def on_stream_complete(
 
 
 def replay_streamed(
-    payload: Mapping[str, Any], starting_agent: Agent[Any], context: Any
+    payload: Mapping[str, Any],
+    starting_agent: Agent[Any],
+    context: Any,
+    finish: Callable[[RunResultStreaming, Mapping[str, Any]], Awaitable[None]] | None = None,
 ) -> RunResultStreaming:
     """A ``RunResultStreaming`` replayed from :func:`encode_result` output. Needs a running loop.
 
@@ -84,7 +87,8 @@ def replay_streamed(
     replayed (``is_replayed(event)``). Restoring is async (the SDK's ``RunState.from_json``),
     so like a live stream the result completes in its ``run_loop_task``; after the events (or
     awaiting that task) it has ``final_output``, ``new_items``, ``last_agent`` and usage as
-    :func:`decode_result` gives.
+    :func:`decode_result` gives. ``finish(streamed, payload)``, if given, completes the result
+    before the events are queued.
     """
     placeholder = context if isinstance(context, RunContextWrapper) else RunContextWrapper(context)
     streamed = RunResultStreaming(
@@ -104,7 +108,7 @@ def replay_streamed(
         trace=None,
     )
     streamed.run_loop_task = asyncio.create_task(
-        _fill_replayed_stream(streamed, payload, starting_agent, context)
+        _fill_replayed_stream(streamed, payload, starting_agent, context, finish)
     )
     return _marked(streamed, lambda _event: True)
 
@@ -114,11 +118,14 @@ async def _fill_replayed_stream(
     payload: Mapping[str, Any],
     starting_agent: Agent[Any],
     context: Any,
+    finish: Callable[[RunResultStreaming, Mapping[str, Any]], Awaitable[None]] | None,
 ) -> None:
     try:
         state, wrapper = await restore_state(payload, starting_agent, context)
         streamed.current_agent = apply_state(streamed, state, payload, wrapper)
         streamed.current_turn = state._current_turn  # SDK private
+        if finish is not None:
+            await finish(streamed, payload)
 
         queue = streamed._event_queue  # SDK private
         queue.put_nowait(AgentUpdatedStreamEvent(new_agent=starting_agent))

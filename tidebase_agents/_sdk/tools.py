@@ -27,6 +27,7 @@ from .._errors import ConfigurationError, TidebaseError
 from .._hashing import sha256_hex
 from .._ids import derive_idempotency_key
 from .._vocab import HALTING_STEP_STATUSES, ReplayPolicy, parse
+from .context import with_context_snapshots
 from .tool_signature import inject_context_parameter, takes_context
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -147,7 +148,7 @@ class _DurableTool:
                 )
         else:
             idem = derive_idempotency_key(ex.run_id, name)
-        return StepSpec(
+        spec = StepSpec(
             name=name,
             fn=call,
             input_hash=args_hash,
@@ -158,6 +159,7 @@ class _DurableTool:
             retries=self.retries,
             tool_call=ToolCall(idem, explicit=self.key_fn is not None),
         )
+        return with_context_snapshots(spec, context)
 
 
 def _stop_if_halting(ex: Executor, spec: StepSpec, context: Any, error: Exception) -> None:
