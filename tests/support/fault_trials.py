@@ -303,12 +303,14 @@ async def resolve_reviews(url: str, run_id: str, workdir: Path, checks: Checks) 
                 "keyed_call_parked",
                 f"keyed {step.name} parked for review ({(step.error or {}).get('message')})",
             )
-            if effect is not None:
-                await tide.review_step(run_id, step.name, "output", output=effect["result"])
-                resolved.append(f"{step.name}: output")
-            else:
-                await tide.review_step(run_id, step.name, "retry")
-                resolved.append(f"{step.name}: retry")
+            action = "retry" if effect is None else "output"
+            try:
+                await tide.review_step(
+                    run_id, step.name, action, output=None if effect is None else effect["result"]
+                )
+            except Exception as exc:
+                checks.check(False, "review_failed", f"{action} {step.name}: {exc!r}")
+            resolved.append(f"{step.name}: {action}")
     finally:
         await tide.close()
     return resolved
