@@ -8,16 +8,19 @@ summary is also written to as JSON.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fault_hostile import make_prior_run
 from fault_report import REPORT
 from harness import pg_admin, pg_url_of
 from pgcluster import cluster_db as cluster_db
 from pgcluster import fault_cluster as fault_cluster
 from zygote import Zygote
+
+from tidebase_agents import Tidebase
 
 #: Modules the zygote imports once for all children (the SDK, the library, the CLI).
 PRELOAD = ["fault_kit", "fault_apps", "tidebase_agents._cli"]
@@ -80,3 +83,13 @@ def shared_url(
     """One database per test module and backend: hostile cases each use runs of their own,
     and every case checks that the runs committed before it still read back."""
     yield from _database(request.param, tmp_path_factory.mktemp("shared"), pg_template)
+
+
+@pytest.fixture
+async def tide(shared_url: str) -> AsyncIterator[Tidebase]:
+    """A ``Tidebase`` on the module's database, which holds the prior run every hostile case
+    must leave readable."""
+    tide = Tidebase(shared_url)
+    await make_prior_run(tide)
+    yield tide
+    await tide.close()

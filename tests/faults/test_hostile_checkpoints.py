@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +83,6 @@ AGENT_SHAPES = {
 }
 #: Invalid JSON text written into an SQLite JSON column.
 BROKEN_JSON = '{"text": "hel'
-
-
-@pytest.fixture
-async def tide(shared_url: str) -> AsyncIterator[Tidebase]:
-    tide = Tidebase(shared_url)
-    await make_prior_run(tide)
-    yield tide
-    await tide.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -24,7 +24,6 @@ from fault_hostile import (
     Outcome,
     check_prior_intact,
     expect_library_error,
-    make_prior_run,
     outcome,
 )
 from fault_report import REPORT, Checks
@@ -100,14 +99,6 @@ def same(a: Any, b: Any) -> bool:
         elif x != y:
             return False
     return True
-
-
-@pytest.fixture
-async def tide(shared_url: str) -> AsyncIterator[Tidebase]:
-    tide = Tidebase(shared_url)
-    await make_prior_run(tide)
-    yield tide
-    await tide.close()
 
 
 def new_run_id() -> str:

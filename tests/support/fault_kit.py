@@ -260,6 +260,13 @@ def build(url: str, workdir: str | Path, points: Points, lease_seconds: float = 
     workdir = Path(workdir)
     fx = Effects(workdir / "effects.db")
 
+    async def external(label: str, tool: str, args: Any, key: str | None, result: str) -> str:
+        """A request to an external system, with fault points before and after it."""
+        await points(f"{label}:before")
+        value = fx.perform(tool, args, key, result)
+        await points(f"{label}:after")
+        return value
+
     @function_tool
     @durable_tool
     async def lookup_price(item: str) -> int:
@@ -271,6 +278,7 @@ def build(url: str, workdir: str | Path, points: Points, lease_seconds: float = 
         await points("tool:lookup_price")
         return price_of(item)
 
+    # Each keyed tool reads its key in its own body (once by name, once through an alias).
     @function_tool
     @durable_tool(side_effects=["payments"])
     async def charge(item: str, cents: int) -> str:
@@ -280,11 +288,8 @@ def build(url: str, workdir: str | Path, points: Points, lease_seconds: float = 
             item: The item.
             cents: The price in cents.
         """
-        key = idempotency_key()
-        await points("tool:charge:before")
-        receipt = fx.perform("charge", {"item": item, "cents": cents}, key, f"receipt-{item}")
-        await points("tool:charge:after")
-        return receipt
+        args = {"item": item, "cents": cents}
+        return await external("tool:charge", "charge", args, idempotency_key(), f"receipt-{item}")
 
     @function_tool
     @durable_tool(side_effects=["inventory"])
@@ -294,11 +299,8 @@ def build(url: str, workdir: str | Path, points: Points, lease_seconds: float = 
         Args:
             item: The item.
         """
-        key = reservation_key()
-        await points("tool:reserve:before")
-        hold = fx.perform("reserve", {"item": item}, key, f"hold-{item}")
-        await points("tool:reserve:after")
-        return hold
+        args = {"item": item}
+        return await external("tool:reserve", "reserve", args, reservation_key(), f"hold-{item}")
 
     @function_tool
     @durable_tool(side_effects=["mail"])
@@ -308,10 +310,7 @@ def build(url: str, workdir: str | Path, points: Points, lease_seconds: float = 
         Args:
             text: The message.
         """
-        await points("tool:notify:before")
-        sent = fx.perform("notify", {"text": text}, None, f"sent {len(text)} chars")
-        await points("tool:notify:after")
-        return sent
+        return await external("tool:notify", "notify", {"text": text}, None, f"sent {len(text)}")
 
     async def clerk_policy(call: Any) -> ModelStep:
         await points("model:clerk")
@@ -331,12 +330,6 @@ def build(url: str, workdir: str | Path, points: Points, lease_seconds: float = 
     )
     writer = Agent(name="writer", instructions="Summarize the order.", model=writer_model)
 
-    async def step_body(name: str, tool: str, key: str | None, result: str) -> str:
-        await points(f"step:{name}:before")
-        value = fx.perform(tool, {}, key, result)
-        await points(f"step:{name}:after")
-        return value
-
     @checkpointed_pipeline(PIPELINE, database_url=url, lease_seconds=lease_seconds)
     async def orders(customer: str, items: list[str]) -> dict[str, Any]:
         run = current_run()
@@ -355,14 +348,14 @@ def build(url: str, workdir: str | Path, points: Points, lease_seconds: float = 
         ship_key = f"ship:{run.run_id}"
         parcel = await run.step(
             "ship",
-            lambda: step_body("ship", "ship", ship_key, f"parcel-{customer}"),
+            lambda: external("step:ship", "ship", {}, ship_key, f"parcel-{customer}"),
             input={"customer": customer},
             side_effects=["shipping"],
             idempotency_key=ship_key,
         )
         audit = await run.step(
             "audit",
-            lambda: step_body("audit", "audit", None, f"audited-{customer}"),
+            lambda: external("step:audit", "audit", {}, None, f"audited-{customer}"),
             input={"customer": customer},
             side_effects=["audit-log"],
         )
