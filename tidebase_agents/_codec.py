@@ -350,7 +350,7 @@ def checked_json(value: Any, what: str) -> str:
     except (ValueError, RecursionError) as exc:
         raise CheckpointSerializationError(f"{what} cannot be stored as JSON: {exc}") from None
     if "\\u0000" in text or not _utf8(text):
-        where, bad = _bad_string(value, "$")
+        where, bad = unstorable_string(value)
         raise CheckpointSerializationError(
             f"{what}: the string at {where[:200]} contains {bad}, which cannot be stored"
         )
@@ -363,6 +363,11 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def unstorable_string(value: Any) -> tuple[str, str]:
+    """(path, what is wrong) of the first string in JSON data no database can store."""
+    return _bad_string(value, "$")
 
 
 def _bad_string(value: Any, path: str) -> tuple[str, str]:

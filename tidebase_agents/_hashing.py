@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ._codec import Walk
+from ._codec import Walk, unstorable_string
 from ._errors import CheckpointSerializationError
 
 
@@ -112,12 +112,14 @@ def dumps(value: Any) -> str:
 
 def sha256_hex(value: Any, *, what: str = "value") -> str:
     """SHA-256 (hex) of the canonical JSON of ``value``."""
-    text = dumps(canonical(value, what=what))
+    form = canonical(value, what=what)
+    text = dumps(form)
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:
+        where, bad = unstorable_string(form)
         raise CheckpointSerializationError(
-            f"{what}: contains a lone surrogate, which has no UTF-8 form"
+            f"{what}: the string at {where[:200]} contains {bad}, which has no UTF-8 form"
         ) from None
     return hashlib.sha256(data).hexdigest()
 

@@ -351,19 +351,19 @@ class Tidebase:
 
     async def steps(self, run_id: str) -> list[StepRecord]:
         """Every step checkpoint of a run, in the order they were first written."""
-        return list((await (await self._open()).load_steps(run_id)).values())
+        return list((await (await self._open()).load_steps(validate_run_id(run_id))).values())
 
     async def events(self, run_id: str) -> list[EventRecord]:
         """A run's event log, oldest first (R11)."""
-        return await (await self._open()).get_events(run_id)
+        return await (await self._open()).get_events(validate_run_id(run_id))
 
     async def state_versions(self, run_id: str) -> list[StateVersion]:
         """Every state version of a run, oldest first (R10)."""
-        return await (await self._open()).get_state(run_id)
+        return await (await self._open()).get_state(validate_run_id(run_id))
 
     async def usage_records(self, run_id: str) -> list[UsageRecord]:
         """A run's usage ledger rows (R9)."""
-        return await (await self._open()).get_usage(run_id)
+        return await (await self._open()).get_usage(validate_run_id(run_id))
 
     async def usage(
         self,

@@ -159,6 +159,8 @@ class Run:
             raise ConfigurationError(
                 f"usage_record: cost_usd must be a non-negative finite number, got {cost_usd!r}"
             )
+        if not isinstance(kind, str) or not kind:
+            raise ConfigurationError(f"usage_record: kind must be a non-empty string, got {kind!r}")
         for field, text, limit in (
             ("kind", kind, 32),
             ("provider", provider, 64),

@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 
 from agents import RunContextWrapper
 
-from .._codec import register_annotations
+from .._codec import encode, register_annotations
 from .._engine import (
     RUN_CONTROL,
     Executor,
@@ -158,6 +158,7 @@ class _DurableTool:
             replay=self.replay,
             retries=self.retries,
             tool_call=ToolCall(idem, explicit=self.key_fn is not None),
+            encode=lambda value: encode(value, what=f"output of tool {tool_name!r} ({name})"),
         )
         return with_context_snapshots(spec, context)
 
