@@ -97,7 +97,7 @@ async def report(topic: str) -> str:
 async def attempt(run_id: str) -> None:
     while True:
         try:
-            text = await report("durable execution", run_id=run_id)
+            text = await report.with_run_id(run_id)("durable execution")
             break
         except RunLocked:
             await asyncio.sleep(0.5)

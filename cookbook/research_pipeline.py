@@ -74,7 +74,7 @@ async def research(topic: str) -> str:
 async def attempt(run_id: str) -> None:
     while True:
         try:
-            post = await research("durable agents", run_id=run_id)
+            post = await research.with_run_id(run_id)("durable agents")
             break
         except RunLocked:
             # The crashed process still holds the lease until it expires.

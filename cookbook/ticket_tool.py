@@ -73,7 +73,7 @@ async def handle_incident(report: str) -> str:
 async def attempt(run_id: str) -> None:
     while True:
         try:
-            print(f"  {await handle_incident('checkout returns 500', run_id=run_id)}")
+            print(f"  {await handle_incident.with_run_id(run_id)('checkout returns 500')}")
             return
         except RunLocked:
             await asyncio.sleep(0.5)

@@ -1,5 +1,7 @@
 """tidebase-agents: durable OpenAI Agents SDK pipelines checkpointed in your own database."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 from ._codec import register_types
@@ -46,6 +48,12 @@ _SDK_NAMES = {
     "is_replaying": "hooks",
 }
 
+try:
+    #: The installed version (the one source of truth is pyproject.toml).
+    __version__: str = _version("tidebase-agents")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 
 def __getattr__(name: str) -> Any:
     module = _SDK_NAMES.get(name)
@@ -91,6 +99,7 @@ __all__ = [
     "TidebaseError",
     "UsageRecord",
     "WorkerOptions",
+    "__version__",
     "checkpointed_pipeline",
     "current_run",
     "durable_mcp",

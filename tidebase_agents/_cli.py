@@ -1,8 +1,10 @@
 """The ``tidebase-agents`` command line (P2): migrate, inspect and operate runs, run workers.
 
-Exit codes: 0 success; 1 error (unknown run or step, bad URL, refused operation); 2 usage
-error; 3 database schema not migrated; 4 database unreachable. Errors are one line on stderr.
-Listing commands print tables for people and take ``--json`` for scripts.
+Exit codes: 0 success; 1 error (unknown run or step, bad URL, refused operation, a pipeline
+that raised); 2 usage error; 3 database schema not migrated; 4 database unreachable. Errors
+are one line on stderr, never a traceback. Listings print one record a line, fitted to the
+terminal (``$COLUMNS``; 120 columns when output is not a terminal), and take ``--json`` for
+scripts.
 """
 
 from __future__ import annotations
@@ -14,21 +16,21 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import click
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from . import _codec
-from ._config import ENV_URL, redact, resolve_database_url
+from . import __version__, _codec
+from ._config import ENV_SCHEMA, ENV_URL, missing_sqlite_file
 from ._errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated, TidebaseError
-from ._inspect import attempt_of_tokens, error_text, parse_since
+from ._inspect import attempts, error_text, parse_since
 from ._pricing import load_prices, parse_group_by, record_cost
-from ._store import DEFAULT_QUEUE, EventRecord, RunRecord, StepRecord, close_stores
+from ._store import EventRecord, RunRecord, StepRecord, close_stores
+from ._text import Column, columns, one_line, output_width, wrapped
 from ._tidebase import Tidebase
-from ._vocab import ReviewAction, RunStatus, StepStatus
+from ._vocab import EVENT_OF_REVIEW, EventKind, ReviewAction, RunStatus, StepStatus
 
 T = TypeVar("T")
 
@@ -36,16 +38,16 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_MIGRATED = 3
 EXIT_UNREACHABLE = 4
+EXIT_INTERRUPTED = 130
 
 RUN_STATUSES = tuple(str(s) for s in RunStatus)
-_STATUS_STYLE: dict[str, str] = {
+_STATUS_COLOUR: dict[str, str] = {
     RunStatus.COMPLETED: "green",
     RunStatus.RUNNING: "cyan",
     RunStatus.QUEUED: "blue",
     RunStatus.FAILED: "red",
     RunStatus.FAILED_RETRYABLE: "yellow",
     RunStatus.MANUAL_REVIEW: "magenta",
-    RunStatus.CANCELLED: "dim",
 }
 
 app = typer.Typer(
@@ -62,26 +64,42 @@ steps_app = typer.Typer(help="Resolve steps parked in manual review.", no_args_i
 app.add_typer(runs_app, name="runs")
 app.add_typer(steps_app, name="steps")
 
-out = Console(highlight=False, soft_wrap=False)
-
 
 @dataclasses.dataclass
 class _Options:
     database_url: str | None
-
-
-def _url(ctx: typer.Context) -> str | None:
-    options: _Options = ctx.find_root().obj
-    return options.database_url
+    schema: str | None
+    verbose: bool
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
-def _call(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn`` on a fresh loop, mapping library errors to exit codes and one-line messages."""
+def _tide(ctx: typer.Context, *, existing: bool = False, url: str | None = None) -> Tidebase:
+    """The ``Tidebase`` of the global options. ``existing``: the command only reads or changes
+    what is there, so a missing SQLite file is an error rather than a new empty database."""
+    options: _Options = ctx.find_root().obj
+    url = url or options.database_url
+    try:
+        missing = missing_sqlite_file(url) if existing else None
+        tide = Tidebase(url, schema=options.schema)
+    except TidebaseError as exc:
+        _fail(str(exc))
+    if missing is not None:
+        _fail(
+            f"no SQLite database at {missing} (nothing was created): give --database-url or "
+            f"set {ENV_URL}, or run from the folder that holds it"
+        )
+    if options.verbose:
+        typer.echo(f"database: {tide.describe()}", err=True)
+    return tide
+
+
+def _call(fn: Callable[[], Awaitable[T]], context: str | None = None) -> T:
+    """Run ``fn`` on a fresh loop; any error becomes one line on stderr and an exit code
+    (``context`` prefixes the message)."""
 
     async def main() -> T:
         try:
@@ -89,14 +107,23 @@ def _call(fn: Callable[[], Awaitable[T]]) -> T:
         finally:
             await close_stores()
 
+    def said(message: str) -> str:
+        return f"{context}: {message}" if context else message
+
     try:
         return asyncio.run(main())
     except SchemaNotMigrated as exc:
-        _fail(str(exc), EXIT_NOT_MIGRATED)
+        _fail(said(str(exc)), EXIT_NOT_MIGRATED)
     except DatabaseUnavailable as exc:
-        _fail(str(exc), EXIT_UNREACHABLE)
-    except (TidebaseError, OSError) as exc:
-        _fail(str(exc))
+        _fail(said(str(exc)), EXIT_UNREACHABLE)
+    except TidebaseError as exc:
+        _fail(said(str(exc)))
+    except KeyboardInterrupt:
+        _fail(said("interrupted"), EXIT_INTERRUPTED)
+    except (click.exceptions.Exit, click.ClickException, click.Abort):
+        raise
+    except Exception as exc:
+        _fail(said(f"{type(exc).__name__}: {exc}"))
 
 
 def _json(value: Any) -> None:
@@ -110,8 +137,13 @@ def _json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, default=default))
 
 
-def _when(value: dt.datetime | None) -> str:
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+def _echo(lines: Sequence[str]) -> None:
+    for line in lines:
+        typer.echo(line)
+
+
+def _when(value: dt.datetime | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return value.astimezone(dt.timezone.utc).strftime(fmt) if value else "-"
 
 
 def _duration(ms: float | None) -> str:
@@ -120,9 +152,18 @@ def _duration(ms: float | None) -> str:
     return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
-def _status(status: str) -> str:
-    style = _STATUS_STYLE.get(status)
-    return f"[{style}]{status}[/]" if style else status
+def _coloured() -> bool:
+
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _status_style(value: str, padded: str) -> str:
+    colour = _STATUS_COLOUR.get(value)
+    return typer.style(padded, fg=colour) if colour and _coloured() else padded
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _since(value: str | None) -> dt.datetime | None:
@@ -133,10 +174,18 @@ def _since(value: str | None) -> dt.datetime | None:
         raise typer.BadParameter(str(exc), param_hint="--since") from None
 
 
-def _use_database(url: str | None) -> None:
-    """Make ``--database-url`` the default of every ``Tidebase`` an imported app creates."""
+def _many(values: Sequence[str] | None) -> list[str]:
+    """Values of a repeatable option, each possibly a comma list."""
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+def _use_database(url: str | None, schema: str | None) -> None:
+    """Make the global options the defaults of every ``Tidebase`` an imported app creates."""
+
     if url:
         os.environ[ENV_URL] = url
+    if schema:
+        os.environ[ENV_SCHEMA] = schema
 
 
 # -- global options ------------------------------------------------------------------------
@@ -153,23 +202,76 @@ DatabaseUrl = Annotated[
     ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+AppDir = Annotated[
+    str | None,
+    typer.Option(
+        "--app-dir",
+        metavar="DIR",
+        help="Import the app from DIR (default: the working directory).",
+        show_default=False,
+    ),
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tidebase-agents {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(ctx: typer.Context, database_url: DatabaseUrl = None) -> None:
-    ctx.obj = _Options(database_url)
+def _root(
+    ctx: typer.Context,
+    database_url: DatabaseUrl = None,
+    schema: Annotated[
+        str | None,
+        typer.Option(
+            envvar=ENV_SCHEMA,
+            metavar="NAME",
+            help="PostgreSQL schema of the tables. Default: $TIDEBASE_SCHEMA, else tidebase.",
+            show_default=False,
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Say which database is used (on stderr).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    ctx.obj = _Options(database_url, schema, verbose)
 
 
 # -- migrate -------------------------------------------------------------------------------
 
 
 @app.command()
-def migrate(ctx: typer.Context, database_url: DatabaseUrl = None) -> None:
+def migrate(
+    ctx: typer.Context,
+    database_url: DatabaseUrl = None,
+    sql: Annotated[
+        bool, typer.Option("--sql", help="Print the DDL (PostgreSQL) instead of applying it.")
+    ] = False,
+    stamp: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REVISION",
+            help="Record REVISION as applied without running anything (for tables created "
+            "another way).",
+        ),
+    ] = None,
+) -> None:
     """Create or upgrade the tidebase tables (PostgreSQL is never migrated implicitly)."""
-    url = database_url or _url(ctx)
-
-    before, after = _call(lambda: Tidebase(url).migrate())
-    typer.echo(f"migrated {redact(resolve_database_url(url))}: {before or 'empty'} -> {after}")
+    tide = _tide(ctx, url=database_url)
+    if sql:
+        typer.echo(_call(tide.migration_sql), nl=False)
+        return
+    before, after = _call(lambda: tide.migrate(stamp=stamp))
+    verb = "stamped" if stamp else "migrated"
+    typer.echo(f"{verb} {tide.describe()}: {before or 'empty'} -> {after}")
 
 
 # -- runs ----------------------------------------------------------------------------------
@@ -179,33 +281,46 @@ def _run_dict(run: RunRecord) -> dict[str, Any]:
     return dataclasses.asdict(run)
 
 
+MultiOption = list[str] | None
+
+
 @runs_app.command("list")
 def runs_list(
     ctx: typer.Context,
     status: Annotated[
-        str | None, typer.Option(help=f"Only runs in this status: {', '.join(RUN_STATUSES)}.")
+        MultiOption,
+        typer.Option(
+            help=f"Only runs in this status (repeatable, or a comma list): "
+            f"{', '.join(RUN_STATUSES)}."
+        ),
     ] = None,
-    pipeline: Annotated[str | None, typer.Option(help="Only runs of this pipeline.")] = None,
-    queue: Annotated[str | None, typer.Option(help="Only runs of this queue.")] = None,
+    pipeline: Annotated[
+        MultiOption, typer.Option(help="Only runs of this pipeline (repeatable).")
+    ] = None,
+    queue: Annotated[
+        MultiOption, typer.Option(help="Only runs of this queue (repeatable).")
+    ] = None,
     since: Annotated[
         str | None, typer.Option(help="Created since: 30m, 2h, 7d or an ISO timestamp.")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many runs, newest first.")] = 50,
     as_json: JsonFlag = False,
 ) -> None:
-    """List runs, newest first."""
-    if status is not None and status not in RUN_STATUSES:
-        raise typer.BadParameter(
-            f"{status!r} is not one of {', '.join(RUN_STATUSES)}", param_hint="--status"
-        )
+    """List runs, newest first, one a line (`runs show RUN_ID` has the whole error)."""
+    statuses = _many(status)
+    for value in statuses:
+        if value not in RUN_STATUSES:
+            raise typer.BadParameter(
+                f"{value!r} is not one of {', '.join(RUN_STATUSES)}", param_hint="--status"
+            )
     created_since = _since(since)
-    url = _url(ctx)
+    tide = _tide(ctx, existing=True)
 
     runs = _call(
-        lambda: Tidebase(url).list_runs(
-            status=status or (),
-            pipeline=pipeline or (),
-            queue=queue or (),
+        lambda: tide.list_runs(
+            status=statuses,
+            pipeline=_many(pipeline),
+            queue=_many(queue),
             since=created_since,
             limit=limit,
         )
@@ -213,32 +328,98 @@ def runs_list(
     if as_json:
         _json([_run_dict(r) for r in runs])
         return
-    table = Table(title=f"{len(runs)} run{'' if len(runs) == 1 else 's'}", title_justify="left")
-    for col in ("run id", "pipeline", "status", "queue", "attempts", "created", "finished"):
-        table.add_column(col, no_wrap=col == "run id")
-    table.add_column("error", overflow="fold")
-    for r in runs:
-        table.add_row(
-            r.run_id,
-            r.pipeline,
-            _status(r.status),
-            r.queue or "-",
-            f"{r.attempts}/{r.max_attempts}" if r.max_attempts else str(r.attempts),
-            _when(r.created_at),
-            _when(r.finished_at),
-            error_text(r.error)[:120],
+    _echo(_runs_table(runs, output_width()))
+
+
+def _runs_table(runs: list[RunRecord], width: int) -> list[str]:
+    cols = [
+        Column("RUN", [r.run_id for r in runs]),
+        Column("PIPELINE", [r.pipeline for r in runs], shrink=True, min_width=12),
+        Column("STATUS", [str(r.status) for r in runs], style=_status_style),
+    ]
+    optional = []
+    if any(r.queue for r in runs):
+        optional.append(Column("QUEUE", [r.queue or "-" for r in runs], shrink=True))
+    optional.append(
+        Column(
+            "TRIES",
+            [f"{r.attempts}/{r.max_attempts}" if r.max_attempts else str(r.attempts) for r in runs],
         )
-    out.print(table)
+    )
+    optional.append(Column("CREATED (UTC)", [_when(r.created_at, "%m-%d %H:%M") for r in runs]))
+    if any(r.error for r in runs):
+        optional.append(
+            Column(
+                "ERROR",
+                [error_text(r.error) for r in runs],
+                shrink=True,
+                min_width=24,
+                shrink_order=1,  # cut the pipeline name before the error
+            )
+        )
+    # Narrow output: the error column goes first, then the others, never id or status.
+    shown = cols + optional
+    while optional and len(columns(shown, width)[0]) > width:
+        optional.pop()
+        shown = cols + optional
+    lines = columns(shown, width)
+    hidden = [c for c in ("QUEUE", "TRIES", "CREATED (UTC)", "ERROR") if _absent(c, shown, runs)]
+    note = f"; {', '.join(hidden)} hidden at this width" if hidden else ""
+    return [f"{_plural(len(runs), 'run')}, newest first{note}", *(lines if runs else [])]
+
+
+def _absent(header: str, shown: list[Column], runs: list[RunRecord]) -> bool:
+    relevant = {
+        "QUEUE": any(r.queue for r in runs),
+        "ERROR": any(r.error for r in runs),
+    }.get(header, bool(runs))
+    return relevant and all(c.header != header for c in shown)
+
+
+_STEP_FAILURES = (
+    EventKind.STEP_FAILED_RETRYABLE,
+    EventKind.STEP_FAILED,
+    EventKind.STEP_MANUAL_REVIEW,
+)
+_REVIEWS = frozenset(EVENT_OF_REVIEW.values())
+
+
+def _span(first: int, last: int) -> str:
+    return f"attempt {first}" if first == last else f"attempts {first}-{last}"
 
 
 def _timeline(
     run: RunRecord, steps: list[StepRecord], events: list[EventRecord]
 ) -> list[dict[str, Any]]:
-    by_token = attempt_of_tokens(events)
+    by_token, attempt_at = attempts(events)
+    by_step: dict[str, list[EventRecord]] = {}
+    for e in events:
+        if e.step:
+            by_step.setdefault(e.step, []).append(e)
     rows = []
     for s in steps:
         attempt = by_token.get(s.lease_token, s.lease_token)
-        replays = max(run.attempts - attempt, 0) if s.status == StepStatus.COMPLETED else 0
+        completed = s.status == StepStatus.COMPLETED
+        replayed_in = list(range(attempt + 1, run.attempts + 1)) if completed else []
+        history = by_step.get(s.name, [])
+        failures = [
+            {"attempt": attempt_at[e.seq], "status": str(e.kind), "error": e.data}
+            for e in history
+            if e.kind in _STEP_FAILURES
+        ]
+        in_doubt = None
+        started_in = None
+        for e in history:
+            if e.kind == EventKind.STEP_STARTED:
+                started_in = attempt_at[e.seq]
+            elif e.kind == EventKind.STEP_IN_DOUBT:
+                data = e.data if isinstance(e.data, dict) else {}
+                in_doubt = {
+                    "died_in_attempt": started_in,
+                    "found_in_attempt": attempt_at[e.seq],
+                    "action": data.get("action"),
+                }
+                started_in = attempt_at[e.seq]
         rows.append(
             {
                 "step": s.name,
@@ -246,7 +427,14 @@ def _timeline(
                 "attempts": s.attempts,
                 "duration_ms": s.duration_ms,
                 "executed_in_attempt": attempt,
-                "replayed": replays,
+                "replayed": len(replayed_in),
+                "replayed_in": replayed_in,
+                "in_doubt": in_doubt,
+                "failures": failures,
+                "reviewed": [str(e.kind) for e in history if e.kind in _REVIEWS],
+                "live": s.status == StepStatus.RUNNING and _holds(run, s.lease_token),
+                "input": s.input,
+                "idempotency_key": s.idempotency_key,
                 "side_effects": s.side_effects,
                 "keyed": s.keyed,
                 "started_at": s.started_at,
@@ -255,6 +443,69 @@ def _timeline(
             }
         )
     return rows
+
+
+def _origin(run: RunRecord, s: dict[str, Any]) -> str:
+    """How a step came to be where it is, in words: executed, replayed, in doubt, parked."""
+    said = []
+    for f in s["failures"]:
+        if f["status"] != EventKind.STEP_MANUAL_REVIEW or s["status"] != StepStatus.MANUAL_REVIEW:
+            said.append(f"failed in attempt {f['attempt']} ({error_text(f['error'])})")
+    doubt = s["in_doubt"]
+    if doubt is not None:
+        died = doubt["died_in_attempt"]
+        who = f"attempt {died} died during it" if died else "its executor died during it"
+        if doubt["action"] == StepStatus.MANUAL_REVIEW:
+            said.append(
+                f"in doubt: {who} (an external write without an idempotency key); parked for "
+                f"review in attempt {doubt['found_in_attempt']}"
+            )
+        else:
+            said.append(
+                f"in doubt: {who}; re-executed in attempt {doubt['found_in_attempt']} with the "
+                f"same idempotency key"
+            )
+    status = s["status"]
+    attempt = s["executed_in_attempt"]
+    if EventKind.STEP_REVIEW_OUTPUT in s["reviewed"]:
+        said.append("output supplied by an operator")
+    elif status == StepStatus.COMPLETED:
+        said.append(f"executed in attempt {attempt}")
+    if s["replayed_in"]:
+        said.append(f"replayed from its checkpoint in {_span(s['replayed_in'][0], run.attempts)}")
+    if status == StepStatus.RUNNING:
+        if s["live"]:
+            said.append(f"running in attempt {attempt}")
+        else:
+            said.append(
+                f"in doubt: started in attempt {attempt}, whose executor is gone; the next "
+                + (
+                    "attempt re-executes it with the same idempotency key"
+                    if s["keyed"]
+                    else "attempt parks it for review"
+                )
+            )
+    elif status == StepStatus.MANUAL_REVIEW:
+        said.append(
+            f"waits for review: `tidebase-agents steps review {run.run_id} {s['step']} "
+            f"--retry | --output JSON | --fail`"
+        )
+    elif status == StepStatus.FAILED:
+        said.append("failed for good")
+    elif status == StepStatus.FAILED_RETRYABLE and not s["failures"]:
+        said.append("to run again in the next attempt")
+    return "; ".join(said)
+
+
+def _holds(run: RunRecord, token: int) -> bool:
+    """Whether the execution that wrote under ``token`` still holds the run's lease."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        run.status == RunStatus.RUNNING
+        and run.lease_token == token
+        and run.lease_expires_at is not None
+        and run.lease_expires_at > now
+    )
 
 
 @runs_app.command("show")
@@ -269,12 +520,12 @@ def runs_show(
     ] = 30,
     as_json: JsonFlag = False,
 ) -> None:
-    """A run's step timeline (status, attempts, duration, executed or replayed), usage, events."""
-    url = _url(ctx)
+    """A run and its steps (status, attempts, duration, executed / replayed / in doubt,
+    input, idempotency key, error), usage and events."""
+    tide = _tide(ctx, existing=True)
     table_prices = _prices(prices)
 
     async def go() -> tuple[RunRecord, list[StepRecord], list[EventRecord], list[Any]]:
-        tide = Tidebase(url)
         run = await tide.get_run(run_id)
         return (
             run,
@@ -304,67 +555,103 @@ def runs_show(
             }
         )
         return
-
-    out.print(f"[bold]run[/] {run.run_id}  pipeline {run.pipeline}  status {_status(run.status)}")
-    out.print(
-        f"attempts {run.attempts}"
-        + (f"/{run.max_attempts}" if run.max_attempts else "")
-        + f"  queue {run.queue or '-'}  created {_when(run.created_at)}"
-        + f"  finished {_when(run.finished_at)}"
-        + (f"  lease {run.lease_owner}" if run.lease_owner else "")
-    )
-    if run.error:
-        out.print(f"error: {error_text(run.error)}", markup=False)
-
-    table = Table(title="steps", title_justify="left")
-    for col in ("#", "step", "status", "attempts", "duration", "origin"):
-        table.add_column(col, overflow="fold")
+    width = output_width()
+    _echo(_run_lines(run, width))
+    typer.echo("")
+    typer.echo(_plural(len(timeline), "step"))
     for i, s in enumerate(timeline, 1):
-        origin = f"executed in attempt {s['executed_in_attempt']}"
-        if s["replayed"]:
-            origin += f", replayed in {s['replayed']} later"
-        table.add_row(
-            str(i),
-            s["step"],
-            _status(s["status"]),
-            str(s["attempts"]),
-            _duration(s["duration_ms"]),
-            origin,
-        )
-    out.print(table)
-
+        _echo(_step_lines(run, i, s, width))
     if usage_rows:
-        table = Table(title="usage", title_justify="left")
-        for col in ("step", "model", "requests", "input", "output", "cached", "cost (USD)"):
-            table.add_column(col, overflow="fold")
-        for u in usage_rows:
-            table.add_row(
-                u["step"] or "-",
-                u["model"] or "-",
-                str(u["requests"]),
-                str(u["input_tokens"]),
-                str(u["output_tokens"]),
-                str(u["cached_tokens"]),
-                "-" if u["cost_usd"] is None else f"{u['cost_usd']:.6f}",
-            )
-        out.print(table)
-        out.print(f"total cost: {'unknown' if total_cost is None else f'${total_cost:.6f}'}")
-
+        typer.echo("")
+        _echo(_usage_lines(usage_rows, total_cost, width))
     shown = events[-last_events:] if last_events else events
     earlier = len(events) - len(shown)
-    title = f"events ({earlier} earlier not shown; --events 0 shows all)" if earlier else "events"
-    table = Table(title=title, title_justify="left")
-    for col in ("seq", "at", "kind", "step", "data"):
-        table.add_column(col, overflow="fold")
-    for e in shown:
-        table.add_row(
-            str(e.seq),
-            _when(e.created_at),
-            e.kind,
-            e.step or "",
-            json.dumps(e.data, default=str) if e.data else "",
+    typer.echo("")
+    typer.echo(
+        f"{_plural(len(events), 'event')}"
+        + (f" ({earlier} earlier not shown; --events 0 shows all)" if earlier else "")
+    )
+    _echo(
+        columns(
+            [
+                Column("SEQ", [str(e.seq) for e in shown]),
+                Column("AT (UTC)", [_when(e.created_at, "%H:%M:%S") for e in shown]),
+                Column("KIND", [e.kind for e in shown]),
+                Column("STEP", [e.step or "" for e in shown], shrink=True, min_width=12),
+                Column(
+                    "DATA",
+                    [json.dumps(e.data, default=str) if e.data else "" for e in shown],
+                    shrink=True,
+                ),
+            ],
+            width,
         )
-    out.print(table)
+    )
+
+
+def _run_lines(run: RunRecord, width: int) -> list[str]:
+    attempts = f"{run.attempts}" + (f" of at most {run.max_attempts}" if run.max_attempts else "")
+    fields = [
+        ("run", run.run_id),
+        ("pipeline", run.pipeline),
+        ("status", _status_style(run.status, str(run.status))),
+        ("attempts", attempts),
+        ("queue", run.queue or "-"),
+        ("created", f"{_when(run.created_at)} UTC"),
+        ("finished", f"{_when(run.finished_at)} UTC" if run.finished_at else "-"),
+    ]
+    if run.lease_owner:
+        until = f" until {_when(run.lease_expires_at)} UTC" if run.lease_expires_at else ""
+        fields.append(("lease", f"{run.lease_owner}{until}"))
+    lines = [f"{label:<9} {value}" for label, value in fields]
+    if run.error:
+        lines += wrapped(f"{'error':<9}", error_text(run.error), width)
+    return lines
+
+
+def _step_lines(run: RunRecord, i: int, s: dict[str, Any], width: int) -> list[str]:
+    tries = _plural(s["attempts"], "try").replace("trys", "tries")
+    head = f"{i:>2}. {s['step']}"
+    lines = [head]
+    summary = f"{s['status']}, {tries}, {_duration(s['duration_ms'])}"
+    if s["side_effects"]:
+        summary += f"; side effects: {', '.join(s['side_effects'])}"
+    lines += wrapped("", f"{summary}; {_origin(run, s)}", width, indent=4)
+    recorded = s["input"]
+    if isinstance(recorded, dict) and recorded.get("truncated") is True and "preview" in recorded:
+        label = f"input ({recorded.get('bytes')} bytes, its start kept):"
+        lines += wrapped(label, str(recorded["preview"]), width, indent=4, max_lines=3)
+    elif recorded is not None:
+        text = json.dumps(recorded, ensure_ascii=False, sort_keys=True, default=str)
+        lines += wrapped("input:", text, width, indent=4, max_lines=3)
+    if s["side_effects"] or s["keyed"]:
+        lines.append(f"    idempotency key: {s['idempotency_key']}")
+    if s["error"]:
+        lines += wrapped("error:", error_text(s["error"]), width, indent=4)
+    return lines
+
+
+def _usage_lines(
+    usage_rows: list[dict[str, Any]], total_cost: float | None, width: int
+) -> list[str]:
+    def cost(value: float | None) -> str:
+        return "-" if value is None else f"{value:.6f}"
+
+    lines = ["usage"]
+    lines += columns(
+        [
+            Column("STEP", [u["step"] or "-" for u in usage_rows], shrink=True, min_width=12),
+            Column("MODEL", [u["model"] or "-" for u in usage_rows], shrink=True),
+            Column("REQ", [str(u["requests"]) for u in usage_rows]),
+            Column("INPUT", [str(u["input_tokens"]) for u in usage_rows]),
+            Column("OUTPUT", [str(u["output_tokens"]) for u in usage_rows]),
+            Column("CACHED", [str(u["cached_tokens"]) for u in usage_rows]),
+            Column("COST (USD)", [cost(u["cost_usd"]) for u in usage_rows]),
+        ],
+        width,
+    )
+    lines.append(f"total cost: {'unknown' if total_cost is None else f'${total_cost:.6f}'}")
+    return lines
 
 
 @runs_app.command("resume")
@@ -373,8 +660,11 @@ def runs_resume(
     run_id: Annotated[str, typer.Argument(help="The run to resume.")],
     app_spec: Annotated[
         str | None,
-        typer.Option("--app", help="module:attr defining the pipeline; resume in this process."),
+        typer.Option(
+            "--app", help="module:attr (or module) defining the pipeline; resume in this process."
+        ),
     ] = None,
+    app_dir: AppDir = None,
     enqueue: Annotated[
         bool, typer.Option("--enqueue", help="Put the run back on the queue for workers.")
     ] = False,
@@ -385,24 +675,26 @@ def runs_resume(
     """Resume a run in this process (--app) or hand it back to the workers (--enqueue)."""
     if enqueue == (app_spec is not None):
         raise typer.BadParameter("give exactly one of --app module:attr or --enqueue")
-    url = _url(ctx)
     if enqueue:
-        status = _call(lambda: Tidebase(url).requeue(run_id, queue=queue))
+        tide = _tide(ctx, existing=True)
+        status = _call(lambda: tide.requeue(run_id, queue=queue))
         typer.echo(f"run {run_id}: {status}")
         return
 
     from ._pipeline import get_pipeline
     from ._worker import load_app
 
-    _use_database(url)
+    tide = _tide(ctx, existing=True)
+    options: _Options = ctx.find_root().obj
+    _use_database(options.database_url, options.schema)
     assert app_spec is not None
 
     async def resume() -> Any:
-        load_app(app_spec)
-        run = await Tidebase(url).get_run(run_id)
+        load_app(app_spec, app_dir or ".")
+        run = await tide.get_run(run_id)
         return await get_pipeline(run.pipeline).resume(run_id)
 
-    result = _call(resume)
+    result = _call(resume, context=f"run {run_id} did not complete")
     typer.echo(f"run {run_id}: completed")
     _json(_codec.encode(result, what="pipeline result"))
 
@@ -414,10 +706,9 @@ def runs_cancel(
     reason: Annotated[str | None, typer.Option(help="Recorded in the run's events.")] = None,
 ) -> None:
     """Cancel a run; a running executor stops at its next step boundary. One-way."""
-    url = _url(ctx)
+    tide = _tide(ctx, existing=True)
 
     async def go() -> tuple[RunStatus, RunStatus]:
-        tide = Tidebase(url)
         before = (await tide.get_run(run_id)).status
         return before, await tide.cancel(run_id, reason)
 
@@ -461,10 +752,9 @@ def steps_review(
             value = json.loads(output)
         except ValueError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--output") from None
-    url = _url(ctx)
+    tide = _tide(ctx, existing=True)
 
     async def go() -> tuple[StepRecord, RunStatus]:
-        tide = Tidebase(url)
         record = await tide.review_step(run_id, step, action, value)
         run = await tide.get_run(run_id)
         if action != ReviewAction.FAIL and run.queue is not None and not no_enqueue:
@@ -512,18 +802,15 @@ def usage(
         raise typer.BadParameter(str(exc), param_hint="--by") from None
     _prices(prices)  # a bad price file is a usage error, reported before any database work
     recorded_since = _since(since)
-    url = _url(ctx)
+    tide = _tide(ctx, existing=True)
     report = _call(
-        lambda: Tidebase(url).usage(
+        lambda: tide.usage(
             keys, pipeline=pipeline, run_id=run_id, since=recorded_since, prices=prices
         )
     )
     if as_json:
         _json(report)
         return
-    table = Table(title="usage", title_justify="left")
-    for col in (*keys, "requests", "input", "output", "cached", "total", "cost (USD)"):
-        table.add_column(col, overflow="fold")
     totals = dict.fromkeys(("requests", "input_tokens", "output_tokens", "cached_tokens"), 0)
     total_cost: float | None = 0.0
     for r in report:
@@ -531,32 +818,45 @@ def usage(
             totals[k] += r[k]
         cost = r["cost_usd"]
         total_cost = None if cost is None or total_cost is None else total_cost + cost
-        table.add_row(
+    rows = [
+        [
             *(str(r[k]) if r[k] is not None else "-" for k in keys),
             str(r["requests"]),
             str(r["input_tokens"]),
             str(r["output_tokens"]),
             str(r["cached_tokens"]),
             str(r["total_tokens"]),
-            "-" if cost is None else f"{cost:.6f}",
-        )
-    table.add_section()
-    table.add_row(
-        "total",
-        *([""] * (len(keys) - 1)),
-        *(str(v) for v in totals.values()),
-        str(totals["input_tokens"] + totals["output_tokens"]),
-        "-" if total_cost is None else f"{total_cost:.6f}",
+            "-" if r["cost_usd"] is None else f"{r['cost_usd']:.6f}",
+        ]
+        for r in report
+    ]
+    rows.append(
+        [
+            "total",
+            *([""] * (len(keys) - 1)),
+            *(str(v) for v in totals.values()),
+            str(totals["input_tokens"] + totals["output_tokens"]),
+            "-" if total_cost is None else f"{total_cost:.6f}",
+        ]
     )
-    out.print(table)
+    headers = [*(k.upper() for k in keys), "REQ", "INPUT", "OUTPUT", "CACHED", "TOTAL", "COST"]
+    _echo(
+        columns(
+            [
+                Column(h, [row[i] for row in rows], shrink=i < len(keys), min_width=12)
+                for i, h in enumerate(headers)
+            ],
+            output_width(),
+        )
+    )
     lost = sum(r["lost_tokens"] for r in report)
     if lost:
-        out.print(
+        typer.echo(
             f"of these, {lost} tokens paid for work a resumed run did again (lost to crashes)"
         )
     unpriced = sorted({str(m) for r in report for m in r["unpriced_models"]})
     if unpriced:
-        out.print(f"no price for: {', '.join(unpriced)} (add them with --prices FILE)")
+        typer.echo(f"no price for: {', '.join(unpriced)} (add them with --prices FILE)")
 
 
 # -- inspector -----------------------------------------------------------------------------
@@ -593,7 +893,15 @@ def ui(
     except BindRefused as exc:
         _fail(str(exc), EXIT_USAGE)
     _prices(prices)
-    serve(host, port, database_url=_url(ctx), token=token, prices=prices)
+    options: _Options = ctx.find_root().obj
+    serve(
+        host,
+        port,
+        database_url=options.database_url,
+        schema=options.schema,
+        token=token,
+        prices=prices,
+    )
 
 
 # -- worker --------------------------------------------------------------------------------
@@ -606,40 +914,57 @@ def worker(
         str,
         typer.Option(
             "--app",
-            help="module:attr to import (registers the pipelines; a Tidebase or "
+            help="module:attr or module to import (registers the pipelines; a Tidebase or "
             "pipeline there names the database).",
         ),
     ],
+    app_dir: AppDir = None,
     queue: Annotated[
-        list[str] | None, typer.Option("--queue", help="Queue to serve (repeatable).")
+        MultiOption,
+        typer.Option(
+            "--queue",
+            help="Queue to serve (repeatable; default $TIDEBASE_WORKER_QUEUES, else default).",
+        ),
     ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Runs executed at once.")] = 4,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Runs executed at once (default 4).")
+    ] = None,
     pipeline: Annotated[
-        list[str] | None,
+        MultiOption,
         typer.Option("--pipeline", help="Only these pipelines (repeatable; default all)."),
     ] = None,
     lease_seconds: Annotated[
         float | None, typer.Option(help="Lease of a claimed run (default: the pipeline's).")
     ] = None,
     poll_interval: Annotated[
-        float, typer.Option(help="Seconds between polls when no notification arrives.")
-    ] = 2.0,
+        float | None,
+        typer.Option(help="Seconds between polls when no notification arrives (default 2)."),
+    ] = None,
     reconcile_interval: Annotated[
         float | None, typer.Option(help="Seconds between reconciler passes (default lease/2).")
     ] = None,
     grace: Annotated[
-        float, typer.Option(help="On SIGTERM, seconds to let running pipelines finish.")
-    ] = 30.0,
+        float | None,
+        typer.Option(help="On SIGTERM, seconds to let running pipelines finish (default 30)."),
+    ] = None,
     retry_backoff: Annotated[
-        float, typer.Option(help="First retry delay in seconds; doubles per attempt.")
-    ] = 1.0,
-    max_backoff: Annotated[float, typer.Option(help="Longest retry delay in seconds.")] = 300.0,
+        float | None,
+        typer.Option(help="First retry delay in seconds; doubles per attempt (default 1)."),
+    ] = None,
+    max_backoff: Annotated[
+        float | None, typer.Option(help="Longest retry delay in seconds (default 300).")
+    ] = None,
     listen: Annotated[
-        bool, typer.Option("--listen/--no-listen", help="Wake on PostgreSQL NOTIFY.")
-    ] = True,
+        bool | None,
+        typer.Option("--listen/--no-listen", help="Wake on PostgreSQL NOTIFY (default on)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
-    """Claim and execute queued runs until SIGTERM (graceful) or a second signal (immediate)."""
+    """Claim and execute queued runs until SIGTERM (graceful) or a second signal (immediate).
+
+    Options not given come from TIDEBASE_WORKER_<OPTION> (TIDEBASE_WORKER_CONCURRENCY, ...),
+    else their defaults.
+    """
     from ._worker import WorkerOptions, run_worker
 
     logging.basicConfig(
@@ -647,23 +972,30 @@ def worker(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    url = _url(ctx)
-    _use_database(url)
+    tide = _tide(ctx)
+    options: _Options = ctx.find_root().obj
+    _use_database(options.database_url, options.schema)
+    given = {
+        "queues": _many(queue) or None,
+        "concurrency": concurrency,
+        "pipelines": _many(pipeline) or None,
+        "lease_seconds": lease_seconds,
+        "poll_interval": poll_interval,
+        "reconcile_interval": reconcile_interval,
+        "grace_seconds": grace,
+        "retry_backoff": retry_backoff,
+        "max_backoff": max_backoff,
+        "listen": listen,
+    }
+    try:
+        worker_options = WorkerOptions.from_env(**{k: v for k, v in given.items() if v is not None})
+    except TidebaseError as exc:
+        _fail(str(exc))
 
     def serve() -> Awaitable[None]:
-        options = WorkerOptions(
-            queues=queue or [DEFAULT_QUEUE],
-            concurrency=concurrency,
-            pipelines=pipeline,
-            lease_seconds=lease_seconds,
-            poll_interval=poll_interval,
-            reconcile_interval=reconcile_interval,
-            grace_seconds=grace,
-            retry_backoff=retry_backoff,
-            max_backoff=max_backoff,
-            listen=listen,
+        return run_worker(
+            app_spec, worker_options, database_url=tide.database_url, app_dir=app_dir or "."
         )
-        return run_worker(app_spec, options, database_url=url)
 
     _call(serve)
 

@@ -36,6 +36,9 @@ _CONSTRUCTED = (BaseModel, enum.Enum)
 _registry: dict[str, type] = {}
 # Code objects whose annotations are registered already (step functions are seen per call).
 _annotated: set[Any] = set()
+#: Longest JSON text of a step's input kept for people to read; longer ones keep a preview.
+STEP_INPUT_MAX_BYTES = 4096
+_PREVIEW_CHARS = 1000
 
 
 def _class_ref(cls: type) -> str:
@@ -389,3 +392,17 @@ def _bad_string(value: Any, path: str) -> tuple[str, str]:
             if found[1]:
                 return found
     return path, ""
+
+
+def bounded_json(text: str, limit: int = STEP_INPUT_MAX_BYTES) -> str:
+    """``text`` (JSON) if it fits in ``limit`` bytes, else a JSON object holding its size and
+    a preview: what a step's recorded input looks like when the input is large. A NUL
+    character, which no database stores, reads as U+FFFD (the input is only shown)."""
+    text = text.replace("\\u0000", "\\ufffd")
+    if len(text) <= limit // 4 or len(text.encode("utf-8")) <= limit:
+        return text
+    return json.dumps(
+        {"truncated": True, "bytes": len(text.encode("utf-8")), "preview": text[:_PREVIEW_CHARS]},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )

@@ -110,24 +110,37 @@ def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def sha256_hex(value: Any, *, what: str = "value") -> str:
-    """SHA-256 (hex) of the canonical JSON of ``value``."""
-    form = canonical(value, what=what)
-    text = dumps(form)
+def canonical_json(value: Any, *, what: str = "value") -> str:
+    """The canonical JSON text of ``value`` (what its hash is taken over)."""
+    return dumps(canonical(value, what=what))
+
+
+def sha256_text(text: str, *, what: str = "value") -> str:
+    """SHA-256 (hex) of canonical JSON text."""
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:
-        where, bad = unstorable_string(form)
+        where, bad = unstorable_string(json.loads(text))
         raise CheckpointSerializationError(
             f"{what}: the string at {where[:200]} contains {bad}, which has no UTF-8 form"
         ) from None
     return hashlib.sha256(data).hexdigest()
 
 
-def parts_hash(parts: Mapping[str, Any], *, what: str = "value") -> tuple[str, dict[str, str]]:
+def sha256_hex(value: Any, *, what: str = "value") -> str:
+    """SHA-256 (hex) of the canonical JSON of ``value``."""
+    return sha256_text(canonical_json(value, what=what), what=what)
+
+
+def parts_hash(
+    parts: Mapping[str, Any], *, what: str = "value", hashed: Mapping[str, str] | None = None
+) -> tuple[str, dict[str, str]]:
     """Hash a mapping of named parts; return the whole hash and a hash per part.
 
     The per-part hashes let a mismatch name which part changed without storing the parts.
+    ``hashed`` holds parts whose hash the caller already took.
     """
     per_part = {name: sha256_hex(value, what=f"{what} ({name})") for name, value in parts.items()}
+    if hashed:
+        per_part.update(hashed)
     return sha256_hex(per_part), per_part

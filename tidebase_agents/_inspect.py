@@ -44,24 +44,28 @@ def parse_since(value: str | None, now: dt.datetime | None = None) -> dt.datetim
 
 
 def error_text(error: Any) -> str:
-    """A stored error record (a dict with a type or failure class and a message) as one line."""
+    """A stored error record (a dict with a type or failure class and a message) as one line,
+    the type without its module."""
     if isinstance(error, dict):
-        head = error.get("failure_class") or error.get("type", "")
+        head = error.get("failure_class") or str(error.get("type", "")).rpartition(".")[2]
         message = str(error.get("message", ""))
         return f"{head}: {message}" if head and message else head or message
     return "" if error is None else str(error)
 
 
-def attempt_of_tokens(events: Sequence[EventRecord]) -> dict[int, int]:
-    """Map lease tokens to attempt numbers from the events of each acquisition."""
-    attempts: dict[int, int] = {}
+def attempts(events: Sequence[EventRecord]) -> tuple[dict[int, int], dict[int, int]]:
+    """(lease token -> attempt number, event seq -> the attempt that wrote it), counted from
+    the events of each acquisition."""
+    by_token: dict[int, int] = {}
+    by_seq: dict[int, int] = {}
     n = 0
     for e in events:
         if e.kind in ACQUISITIONS:
             n += 1
             data = e.data if isinstance(e.data, dict) else {}
-            attempts[int(data.get("token", 1 if e.kind == EventKind.RUN_STARTED else n))] = n
-    return attempts
+            by_token[int(data.get("token", 1 if e.kind == EventKind.RUN_STARTED else n))] = n
+        by_seq[e.seq] = max(n, 1)
+    return by_token, by_seq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +93,7 @@ def read_steps(
     now: dt.datetime,
 ) -> list[StepReading]:
     """The run's steps in tree order: each after its parent, siblings by start time."""
-    by_token = attempt_of_tokens(events)
+    by_token, _ = attempts(events)
     live = lease_is_live(run, now)
     names = {s.name for s in steps}
     order = {s.name: i for i, s in enumerate(steps)}

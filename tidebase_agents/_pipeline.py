@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _codec
 from ._engine import PipelineOptions, reset_pipeline_options, set_pipeline_options
 from ._errors import ConfigurationError, RunNotFound
 from ._hashing import sha256_hex
+from ._ids import validate_run_id
 from ._store import DEFAULT_QUEUE
 from ._tidebase import Tidebase, _sdk_installed
 
@@ -41,8 +42,9 @@ def get_pipeline(name: str) -> CheckpointedPipeline[Any, Any]:
 
 
 class CheckpointedPipeline(Generic[P, R]):
-    """A registered, checkpointed pipeline. Call it like the original function, plus
-    ``run_id=`` to create or resume a specific run."""
+    """A registered, checkpointed pipeline. Call it like the original function for a new run;
+    ``pipeline.with_run_id(run_id)(...)`` creates or resumes a specific run (so does
+    ``pipeline(..., run_id=...)``, which type checkers cannot see)."""
 
     def __init__(
         self,
@@ -77,11 +79,7 @@ class CheckpointedPipeline(Generic[P, R]):
         self.name = name
         self.options = PipelineOptions(context_codec=context_codec)
         if tide is None:
-            tide = (
-                Tidebase(database_url, lease_seconds=lease_seconds)
-                if lease_seconds
-                else Tidebase(database_url)
-            )
+            tide = Tidebase(database_url, lease_seconds=lease_seconds)
         self.tide = tide
         functools.update_wrapper(self, fn)
         _registry[name] = self
@@ -132,6 +130,22 @@ class CheckpointedPipeline(Generic[P, R]):
         data, input_hash = self._record_args(args, kwargs)
         return await self._execute(run_id, data, input_hash)  # type: ignore[arg-type]
 
+    def with_run_id(self, run_id: str) -> Callable[P, Coroutine[Any, Any, R]]:
+        """The pipeline bound to run ``run_id``: calling it creates or resumes that run.
+
+        ``await research.with_run_id("run-42")("durable agents")`` is
+        ``await research("durable agents", run_id="run-42")`` with the pipeline's own
+        parameter and return types.
+        """
+        run_id = validate_run_id(run_id)
+
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            data, input_hash = self._record_args(args, kwargs)
+            return await self._execute(run_id, data, input_hash)
+
+        functools.update_wrapper(call, self.fn)
+        return call
+
     async def resume(self, run_id: str) -> R:
         """Re-invoke run ``run_id`` with the arguments it was recorded with."""
         run = await self.tide.get_run(run_id)
@@ -146,9 +160,23 @@ class CheckpointedPipeline(Generic[P, R]):
             run_id, run.input, run.input_hash, create=False, owner=owner, claim_token=claim_token
         )
 
-    async def enqueue(
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Record a queued run with these arguments for a worker to execute; return its run
+        id (P1). :meth:`enqueue_with` sets the queue, dedupe key and the other options.
+
+        The options are also taken as keywords here (``enqueue(..., queue="gpu")``) when the
+        pipeline has no parameter of that name; type checkers only see ``enqueue_with``.
+        """
+        options: dict[str, Any] = {
+            name: kwargs.pop(name)
+            for name in _ENQUEUE_OPTIONS
+            if name in kwargs and name not in self._sig.parameters
+        }
+        return await self.enqueue_with(**options)(*args, **kwargs)
+
+    def enqueue_with(
         self,
-        *args: Any,
+        *,
         run_id: str | None = None,
         queue: str = DEFAULT_QUEUE,
         dedupe_key: str | None = None,
@@ -156,26 +184,39 @@ class CheckpointedPipeline(Generic[P, R]):
         delay: float | dt.timedelta | None = None,
         max_attempts: int | None = None,
         deadline: dt.datetime | dt.timedelta | None = None,
-        **kwargs: Any,
-    ) -> str:
-        """Record a queued run for a worker to execute; return its run id (P1).
+    ) -> Callable[P, Coroutine[Any, Any, str]]:
+        """:meth:`enqueue` with options: calling the result with the pipeline's arguments
+        records the queued run and returns its id.
 
         At most one active run exists per ``(queue, dedupe_key)``: enqueueing again while one
-        is active returns the active run's id.
+        is active returns the active run's id. ``delay`` postpones the first attempt,
+        ``deadline`` cancels the run if it has not finished by then, ``max_attempts`` bounds
+        how often workers start it (default 5).
         """
-        data, input_hash = self._record_args(args, kwargs)
-        return await self.tide._enqueue(
-            self.name,
-            data,
-            input_hash,
-            run_id=run_id,
-            queue=queue,
-            dedupe_key=dedupe_key,
-            priority=priority,
-            delay=delay,
-            max_attempts=max_attempts,
-            deadline=deadline,
-        )
+
+        async def call(*args: P.args, **kwargs: P.kwargs) -> str:
+            data, input_hash = self._record_args(args, kwargs)
+            return await self.tide._enqueue(
+                self.name,
+                data,
+                input_hash,
+                run_id=run_id,
+                queue=queue,
+                dedupe_key=dedupe_key,
+                priority=priority,
+                delay=delay,
+                max_attempts=max_attempts,
+                deadline=deadline,
+            )
+
+        return call
+
+
+_ENQUEUE_OPTIONS = tuple(
+    name
+    for name in inspect.signature(CheckpointedPipeline.enqueue_with).parameters
+    if name != "self"
+)
 
 
 @overload

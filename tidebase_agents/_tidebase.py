@@ -8,9 +8,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from . import _codec
+from ._config import redact, resolve_database_url, resolve_schema, setting, url_of_engine
 from ._engine import EngineSettings, Run, execute_run
 from ._errors import ConfigurationError
 from ._hashing import sha256_hex
@@ -34,6 +35,9 @@ from ._store import (
 )
 from ._store.queue import DEFAULT_MAX_ATTEMPTS
 from ._vocab import ReviewAction, RunStatus, parse
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 (the input of a pipeline function)
 
 
 def _sdk_installed() -> None:
@@ -72,33 +76,62 @@ class Tidebase:
     """Durable runs and steps in your own database (alias: ``AsyncTidebase``).
 
     ``database_url`` defaults to ``$TIDEBASE_DATABASE_URL``, else an embedded SQLite file
-    ``./tidebase.db`` created and migrated on first use.
+    ``./tidebase.db`` created and migrated on first use. ``engine`` is an application's
+    SQLAlchemy ``Engine`` or ``AsyncEngine`` to take the URL and credentials from: the library
+    opens its own connections (asyncpg on PostgreSQL) and never uses, changes or disposes the
+    engine. On PostgreSQL the tables live in ``schema`` (default ``$TIDEBASE_SCHEMA``, else
+    ``tidebase``). Settings left unset come from ``$TIDEBASE_LEASE_SECONDS``,
+    ``$TIDEBASE_HEARTBEAT_SECONDS``, ``$TIDEBASE_RETRY_BACKOFF`` and
+    ``$TIDEBASE_MAX_PAYLOAD_BYTES``, else their defaults (30 s, a third of the lease, 0.2 s,
+    16 MiB).
     """
 
     def __init__(
         self,
         database_url: str | None = None,
         *,
-        lease_seconds: float = 30.0,
-        retry_backoff: float = 0.2,
-        max_payload_bytes: int = 16 * 1024 * 1024,
+        engine: Any = None,
+        schema: str | None = None,
+        lease_seconds: float | None = None,
+        heartbeat_seconds: float | None = None,
+        retry_backoff: float | None = None,
+        max_payload_bytes: int | None = None,
         owner: str | None = None,
     ) -> None:
-        if lease_seconds <= 0:
+        if engine is not None:
+            if database_url is not None:
+                raise ConfigurationError("pass either database_url= or engine=, not both")
+            database_url = url_of_engine(engine)
+        lease = setting(lease_seconds, "TIDEBASE_LEASE_SECONDS", "float", 30.0)
+        heartbeat = setting(heartbeat_seconds, "TIDEBASE_HEARTBEAT_SECONDS", "float", None)
+        backoff = setting(retry_backoff, "TIDEBASE_RETRY_BACKOFF", "float", 0.2)
+        payload = setting(max_payload_bytes, "TIDEBASE_MAX_PAYLOAD_BYTES", "int", 16 * 1024 * 1024)
+        if lease <= 0:
             raise ConfigurationError("lease_seconds must be positive")
-        if max_payload_bytes <= 0 or retry_backoff < 0:
+        if heartbeat is not None and not 0 < heartbeat < lease:
+            raise ConfigurationError("heartbeat_seconds must be positive and below lease_seconds")
+        if payload <= 0 or backoff < 0:
             raise ConfigurationError("max_payload_bytes must be positive, retry_backoff >= 0")
+        if schema is not None:
+            resolve_schema(schema)  # a bad name fails here, not at the first run
         self.database_url = database_url
+        self._schema = schema
         self.settings = EngineSettings(
-            lease_seconds=float(lease_seconds),
-            retry_backoff=float(retry_backoff),
-            max_payload_bytes=int(max_payload_bytes),
+            lease_seconds=float(lease),
+            retry_backoff=float(backoff),
+            max_payload_bytes=int(payload),
+            heartbeat_seconds=None if heartbeat is None else float(heartbeat),
         )
         self._owner = owner
 
     @property
     def lease_seconds(self) -> float:
         return self.settings.lease_seconds
+
+    @property
+    def schema(self) -> str:
+        """The PostgreSQL schema of the library's tables (SQLite has none and ignores it)."""
+        return resolve_schema(self._schema)
 
     @property
     def owner(self) -> str:
@@ -108,7 +141,12 @@ class Tidebase:
     @property
     def store(self) -> Store:
         """The store for this database on the running event loop."""
-        return get_store(self.database_url)
+        return get_store(self.database_url, self._schema)
+
+    def describe(self) -> str:
+        """Which database this is, without its password (and, on PostgreSQL, the schema)."""
+        url = resolve_database_url(self.database_url)
+        return redact(url) + (f" (schema {self.schema})" if url.startswith("postgresql") else "")
 
     async def _open(self) -> Store:
         store = self.store
@@ -116,6 +154,25 @@ class Tidebase:
         return store
 
     # -- runs ------------------------------------------------------------------------------
+
+    @overload
+    async def run(
+        self,
+        name: str,
+        fn: Callable[[Run, I], Awaitable[T]],
+        *,
+        run_id: str | None = None,
+        input: I,
+    ) -> T: ...
+
+    @overload
+    async def run(
+        self,
+        name: str,
+        fn: Callable[[Run, None], Awaitable[T]],
+        *,
+        run_id: str | None = None,
+    ) -> T: ...
 
     async def run(
         self,
@@ -125,7 +182,8 @@ class Tidebase:
         run_id: str | None = None,
         input: Any = None,
     ) -> Any:
-        """Start or resume the run ``run_id`` of pipeline ``name``, calling ``fn(run, input)``.
+        """Start or resume the run ``run_id`` of pipeline ``name``, calling ``fn(run, input)``;
+        return what ``fn`` returns.
 
         A completed run returns its recorded result without calling ``fn`` (R7).
         """
@@ -389,12 +447,24 @@ class Tidebase:
 
     # -- database --------------------------------------------------------------------------
 
-    async def migrate(self) -> tuple[str | None, str | None]:
-        """Run the packaged migrations; return the revisions before and after."""
+    async def migrate(self, *, stamp: str | None = None) -> tuple[str | None, str | None]:
+        """Run the packaged migrations; return the revisions before and after.
+
+        ``stamp`` records that revision as applied without running anything, for tables that
+        were created another way (the error of a plain migrate says when).
+        """
         store = self.store
         before = await store.schema_revision()
-        await store.migrate()
+        if stamp is None:
+            await store.migrate()
+        else:
+            await store.migrate(stamp, stamp=True)
         return before, await store.schema_revision()
+
+    async def migration_sql(self) -> str:
+        """The DDL :meth:`migrate` would run (PostgreSQL), from the database's revision when
+        it can be read, else from an empty database; nothing is applied."""
+        return await self.store.migration_sql()
 
     async def close(self) -> None:
         """Let database calls in flight finish, then release this database's connections."""

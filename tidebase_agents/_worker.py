@@ -22,11 +22,12 @@ import os
 import random
 import signal
 import socket
+import sys
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from ._config import resolve_database_url
+from ._config import env_setting, resolve_database_url, resolve_schema
 from ._errors import ConfigurationError
 from ._pipeline import CheckpointedPipeline, registered_pipelines
 from ._store import DEFAULT_QUEUE, Backoff, Claim, Store, get_store, utcnow
@@ -35,15 +36,26 @@ from ._tidebase import Tidebase
 log = logging.getLogger("tidebase_agents.worker")
 
 
-def load_app(spec: str) -> Any:
-    """Import ``module:attr`` and return the attribute (importing registers the pipelines)."""
+def load_app(spec: str, app_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Import ``module:attr`` (or ``module``) and return it (importing registers the
+    pipelines). ``app_dir`` is put first on ``sys.path``, as uvicorn and celery do with
+    their working directory."""
     module_name, _, attr = spec.partition(":")
     if not module_name:
-        raise ConfigurationError(f"--app must be module:attr, got {spec!r}")
+        raise ConfigurationError(f"--app must be module:attr or module, got {spec!r}")
+    if app_dir is not None:
+        path = os.path.abspath(app_dir)
+        if not os.path.isdir(path):
+            raise ConfigurationError(f"app directory {path} does not exist")
+        if path not in sys.path:
+            sys.path.insert(0, path)
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from None
+        where = f" (looked in {os.path.abspath(app_dir)} and sys.path)" if app_dir else ""
+        raise ConfigurationError(
+            f"cannot import app module {module_name!r}: {exc}{where}"
+        ) from None
     for part in filter(None, attr.split(".")):
         try:
             obj = getattr(obj, part)
@@ -52,13 +64,13 @@ def load_app(spec: str) -> Any:
     return obj
 
 
-def app_database_url(app: Any, database_url: str | None = None) -> str | None:
-    """The database an app object names: a ``Tidebase``'s URL, a pipeline's ``.tide`` URL,
-    else ``database_url``."""
+def app_database(app: Any, database_url: str | None = None) -> tuple[str | None, str | None]:
+    """The database and schema an app object names: a ``Tidebase``'s, a pipeline's ``.tide``
+    ones, else ``database_url`` and the default schema."""
     tide = app if isinstance(app, Tidebase) else getattr(app, "tide", None)
-    if isinstance(tide, Tidebase) and tide.database_url:
-        return tide.database_url
-    return database_url
+    if not isinstance(tide, Tidebase):
+        return database_url, None
+    return tide.database_url or database_url, tide.schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +81,7 @@ class WorkerOptions:
     ``lease_seconds`` defaults to the longest lease of the served pipelines' ``Tidebase``;
     ``reconcile_interval`` to half of it. ``grace_seconds`` bounds how long a stopping worker
     waits for running pipelines before cancelling them and requeueing their runs.
+    :meth:`from_env` reads each option from ``TIDEBASE_WORKER_<OPTION>``.
     """
 
     queues: Sequence[str] = (DEFAULT_QUEUE,)
@@ -95,6 +108,43 @@ class WorkerOptions:
         if not self.queues:
             raise ConfigurationError("a worker needs at least one queue")
 
+    @classmethod
+    def from_env(cls, **options: Any) -> WorkerOptions:
+        """Options from ``TIDEBASE_WORKER_QUEUES`` (comma-separated),
+        ``TIDEBASE_WORKER_CONCURRENCY``, ``..._PIPELINES``, ``..._LEASE_SECONDS``,
+        ``..._POLL_INTERVAL``, ``..._RECONCILE_INTERVAL``, ``..._GRACE_SECONDS``,
+        ``..._RETRY_BACKOFF``, ``..._MAX_BACKOFF`` and ``..._LISTEN`` (1/0, true/false);
+        ``options`` given here win over the environment, which wins over the defaults."""
+        unknown = set(options) - set(ENV_KINDS)
+        if unknown:
+            raise ConfigurationError(f"unknown worker options: {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for name, kind in ENV_KINDS.items():
+            value = env_setting(env_name(name), kind)
+            if value is not None:
+                values[name] = value
+        return cls(**{**values, **options})
+
+
+#: How each worker option is read from its environment variable (see ``env_name``).
+ENV_KINDS = {
+    "queues": "list",
+    "concurrency": "int",
+    "pipelines": "list",
+    "lease_seconds": "float",
+    "poll_interval": "float",
+    "reconcile_interval": "float",
+    "grace_seconds": "float",
+    "retry_backoff": "float",
+    "max_backoff": "float",
+    "listen": "bool",
+}
+
+
+def env_name(option: str) -> str:
+    """The environment variable of a worker option: ``TIDEBASE_WORKER_<OPTION>``."""
+    return f"TIDEBASE_WORKER_{option.upper()}"
+
 
 class Worker:
     """Claims and executes queued runs of the pipelines registered in this process."""
@@ -105,10 +155,12 @@ class Worker:
         options: WorkerOptions | None = None,
         *,
         owner: str | None = None,
+        schema: str | None = None,
     ) -> None:
-        options = options or WorkerOptions()
+        options = options or WorkerOptions.from_env()
         self.options = options
         self.database_url = resolve_database_url(database_url)
+        self.schema = resolve_schema(schema)
         self.queues = list(options.queues)
         self.concurrency = options.concurrency
         self.pipeline_names = list(options.pipelines) if options.pipelines is not None else None
@@ -149,7 +201,11 @@ class Worker:
         served = {}
         for name in names:
             pipeline = registered[name]
-            if resolve_database_url(pipeline.tide.database_url) == self.database_url:
+            tide = pipeline.tide
+            if (resolve_database_url(tide.database_url), tide.schema) == (
+                self.database_url,
+                self.schema,
+            ):
                 served[name] = pipeline
             else:
                 log.warning("not serving pipeline %r: it uses another database", name)
@@ -162,7 +218,7 @@ class Worker:
 
     async def run(self) -> None:
         """Work until :meth:`stop` (or cancellation), then shut down gracefully."""
-        store = get_store(self.database_url)
+        store = get_store(self.database_url, self.schema)
         await store.open()
         served = self.served_pipelines()
         lease = self.lease_seconds or max(p.tide.lease_seconds for p in served.values())
@@ -331,22 +387,29 @@ async def run_worker(
     options: WorkerOptions | None = None,
     *,
     database_url: str | None = None,
+    app_dir: str | os.PathLike[str] | None = None,
     install_signal_handlers: bool = True,
     **overrides: Any,
 ) -> None:
     """Run a :class:`Worker` until SIGTERM or SIGINT (a second signal skips the grace period).
 
-    ``app`` is ``"module:attr"`` or the object itself (a ``Tidebase``, a pipeline, anything);
-    importing it registers the pipelines. The database is the app's ``Tidebase`` URL if it
-    names one, else ``database_url``, else ``$TIDEBASE_DATABASE_URL``. ``overrides`` are
-    :class:`WorkerOptions` fields (``concurrency=8``) applied over ``options``.
+    ``app`` is ``"module:attr"`` / ``"module"`` or the object itself (a ``Tidebase``, a
+    pipeline, anything); importing it registers the pipelines (``app_dir`` is put first on
+    ``sys.path`` for the import). The database is the app's ``Tidebase`` URL if it names one,
+    else ``database_url``, else ``$TIDEBASE_DATABASE_URL``. ``overrides`` are
+    :class:`WorkerOptions` fields (``concurrency=8``) applied over ``options``, which default
+    to :meth:`WorkerOptions.from_env`.
     """
-    target = load_app(app) if isinstance(app, str) else app
+    target = load_app(app, app_dir) if isinstance(app, str) else app
     try:
-        options = dataclasses.replace(options or WorkerOptions(), **overrides)
+        if options is None:
+            options = WorkerOptions.from_env(**overrides)
+        else:
+            options = dataclasses.replace(options, **overrides)
     except TypeError as exc:
         raise ConfigurationError(f"run_worker: {exc}") from None
-    worker = Worker(app_database_url(target, database_url), options)
+    url, schema = app_database(target, database_url)
+    worker = Worker(url, options, schema=schema)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
     for sig in signals:

@@ -7,10 +7,9 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from agentkit_common import async_url
 from agentkit_common import close_engines as close_engines
+from harness import library_engine
 from sqlalchemy import update
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from tidebase_agents import ConfigurationError, Run, Tidebase, checkpointed_pipeline
 from tidebase_agents._store import RunCursor
@@ -22,7 +21,7 @@ T0 = dt.datetime(2026, 11, 30, 10, 0, 0, tzinfo=dt.timezone.utc)
 async def set_times(url: str, table: Any, rows: list[tuple[Any, dt.datetime]]) -> None:
     """Give rows (each picked by a where clause) chosen creation times: everything the API
     writes is created 'now'."""
-    engine = create_async_engine(async_url(url))
+    engine = library_engine(url)
     try:
         async with engine.begin() as conn:
             for where, when in rows:

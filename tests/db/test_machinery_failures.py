@@ -30,19 +30,20 @@ from tidebase_agents import (
     durable_tool,
 )
 
+# The library's tables live in the schema tidebase, and its connections see only that schema.
 PG_TRIGGER = [
-    "CREATE TABLE tb_fault (armed boolean NOT NULL)",
-    "INSERT INTO tb_fault VALUES (true)",
+    "CREATE TABLE public.tb_fault (armed boolean NOT NULL)",
+    "INSERT INTO public.tb_fault VALUES (true)",
     """CREATE FUNCTION tb_fail() RETURNS trigger AS $$ BEGIN
-         IF (SELECT armed FROM tb_fault) AND NEW.status = 'completed'
+         IF (SELECT armed FROM public.tb_fault) AND NEW.status = 'completed'
             AND NEW.name LIKE '%tool:charge%' THEN
            RAISE EXCEPTION 'could not extend file: No space left on device'
              USING ERRCODE = '53100';
          END IF;
          RETURN NEW;
        END $$ LANGUAGE plpgsql""",
-    "CREATE TRIGGER tb_fail BEFORE INSERT OR UPDATE ON tidebase_steps "
-    "FOR EACH ROW EXECUTE FUNCTION tb_fail()",
+    "CREATE TRIGGER tb_fail BEFORE INSERT OR UPDATE ON tidebase.tidebase_steps "
+    "FOR EACH ROW EXECUTE FUNCTION public.tb_fail()",
 ]
 SQLITE_TRIGGER = [
     "CREATE TABLE tb_fault (armed INTEGER NOT NULL)",

@@ -38,7 +38,7 @@ from tidebase_agents._store import (
     get_store,
     utcnow,
 )
-from tidebase_agents._store.postgres import RECONCILER_LOCK_KEY
+from tidebase_agents._store.postgres import reconciler_lock_key
 from tidebase_agents._store.tables import RunRow
 from tidebase_agents._vocab import FailureClass
 
@@ -261,7 +261,10 @@ asyncio.run(main())
     assert sorted(claimed) == sorted(queued)  # every run claimed exactly once
     conn = await asyncpg.connect(asyncpg_url(pg_url))
     try:
-        assert await conn.fetchval("SELECT count(*) FROM tidebase_runs WHERE queue = 'dd'") == 1
+        assert (
+            await conn.fetchval("SELECT count(*) FROM tidebase.tidebase_runs WHERE queue = 'dd'")
+            == 1
+        )
     finally:
         await conn.close()
 
@@ -408,7 +411,7 @@ async def test_reconciler_is_elected_by_advisory_lock(pg_url: str) -> None:
         await asyncio.sleep(0.01)
         holder = await asyncpg.connect(asyncpg_url(pg_url))
         try:
-            await holder.execute("SELECT pg_advisory_lock($1)", RECONCILER_LOCK_KEY)
+            await holder.execute("SELECT pg_advisory_lock($1)", reconciler_lock_key("tidebase"))
             report = await store.reconcile(NOW, orphan_grace=60)
             assert not report.elected
             assert (await store.get_run(run_id)).status == "running"

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -100,12 +101,12 @@ class Writes:
                 )
                 await conn.exec_driver_sql(
                     "CREATE OR REPLACE FUNCTION tb_test_log() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                    "BEGIN INSERT INTO tb_test_writes (tx) VALUES (pg_current_xact_id()::text); "
+                    "BEGIN INSERT INTO public.tb_test_writes (tx) VALUES (pg_current_xact_id()::text); "
                     "RETURN NULL; END $$"
                 )
                 for table in (*TIDEBASE_TABLES, "tidebase_usage"):
                     await conn.exec_driver_sql(
-                        f"CREATE OR REPLACE TRIGGER tb_test_log AFTER INSERT OR UPDATE OR DELETE ON {table} "
+                        f"CREATE OR REPLACE TRIGGER tb_test_log AFTER INSERT OR UPDATE OR DELETE ON {self.tide.schema}.{table} "
                         f"FOR EACH STATEMENT EXECUTE FUNCTION tb_test_log()"
                     )
         else:
@@ -546,7 +547,7 @@ async def test_r8_resume_cost_is_independent_of_the_number_of_checkpoints(tide: 
     assert len(sent[20]) == len(sent[200]), (sent[20], sent[200])
     assert written[20] == written[200] <= 3, written  # acquire, finish (and nothing per step)
     for n in (20, 200):
-        step_reads = [s for s in sent[n] if "FROM tidebase_steps" in s]
+        step_reads = [s for s in sent[n] if re.search(r"FROM (\w+\.)?tidebase_steps", s)]
         assert len(step_reads) == 1, step_reads
 
 

@@ -62,13 +62,28 @@ async def query(url: str, *statements: str) -> list[list[Any]]:
         await engine.dispose()
 
 
-async def table_names(url: str) -> set[str]:
+async def table_names(url: str, schema: str | None = None) -> set[str]:
+    """Tables of ``schema`` (default: the connection's default schema)."""
     engine = create_async_engine(async_url(url))
     try:
         async with engine.connect() as conn:
-            return set(await conn.run_sync(lambda c: sa_inspect(c).get_table_names()))
+            return set(await conn.run_sync(lambda c: sa_inspect(c).get_table_names(schema)))
     finally:
         await engine.dispose()
+
+
+def library_schema(url: str) -> str | None:
+    """Where the library's tables live: their own schema on PostgreSQL; SQLite has none."""
+    return "tidebase" if url.startswith("postgres") else None
+
+
+def qualified(url: str, table: str) -> str:
+    schema = library_schema(url)
+    return f"{schema}.{table}" if schema else table
+
+
+async def library_tables(url: str) -> set[str]:
+    return await table_names(url, library_schema(url))
 
 
 def alembic(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -124,13 +139,18 @@ def test_alembic_upgrade_check_downgrade_beside_the_users_own_tables(fresh_url: 
 
     up = alembic(fresh_url, "upgrade", "head")
     assert up.returncode == 0, up.stderr
-    assert asyncio.run(table_names(fresh_url)) == {
-        *TIDEBASE_TABLES,
-        VERSION_TABLE,
-        "orders",
-        "alembic_version",
-    }
-    assert asyncio.run(query(fresh_url, f"SELECT version_num FROM {VERSION_TABLE}")) == [[(HEAD,)]]
+    version = qualified(fresh_url, VERSION_TABLE)
+    if library_schema(fresh_url):
+        assert asyncio.run(table_names(fresh_url)) == {"orders", "alembic_version"}
+        assert asyncio.run(library_tables(fresh_url)) == {*TIDEBASE_TABLES, VERSION_TABLE}
+    else:
+        assert asyncio.run(table_names(fresh_url)) == {
+            *TIDEBASE_TABLES,
+            VERSION_TABLE,
+            "orders",
+            "alembic_version",
+        }
+    assert asyncio.run(query(fresh_url, f"SELECT version_num FROM {version}")) == [[(HEAD,)]]
     assert asyncio.run(query(fresh_url, *user_queries)) == user_rows
 
     check = alembic(fresh_url, "check")
@@ -142,6 +162,7 @@ def test_alembic_upgrade_check_downgrade_beside_the_users_own_tables(fresh_url: 
     assert down.returncode == 0, down.stderr
     left = asyncio.run(table_names(fresh_url))
     assert not (left & TIDEBASE_TABLES)
+    assert not (asyncio.run(library_tables(fresh_url)) & TIDEBASE_TABLES)
     assert left - {VERSION_TABLE} == {"orders", "alembic_version"}
     if VERSION_TABLE in left:
         assert asyncio.run(query(fresh_url, f"SELECT * FROM {VERSION_TABLE}")) == [[]]
@@ -166,6 +187,10 @@ async def test_models_and_migrations_do_not_drift(db_url: str) -> None:
         return True
 
     def diff(conn: Any) -> list[Any]:
+        schema = library_schema(db_url)
+        if schema:  # the models name no schema: compare them with the library's, as env.py does
+            conn.exec_driver_sql(f"SET search_path TO {schema}")
+            conn.dialect.default_schema_name = schema
         ctx = MigrationContext.configure(
             conn, opts={"include_name": include_name, "compare_type": True}
         )
@@ -177,9 +202,10 @@ async def test_models_and_migrations_do_not_drift(db_url: str) -> None:
             assert await conn.run_sync(diff) == []
     finally:
         await engine.dispose()
-    names = await table_names(db_url)
+    names = await library_tables(db_url)
     assert names == {*TIDEBASE_TABLES, VERSION_TABLE}
-    assert await query(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [[(HEAD,)]]
+    version = qualified(db_url, VERSION_TABLE)
+    assert await query(db_url, f"SELECT version_num FROM {version}") == [[(HEAD,)]]
 
 
 def test_sqlite_default_creates_and_migrates_tidebase_db_in_the_working_directory(
@@ -253,10 +279,18 @@ def test_wheel_installed_outside_the_repo_runs_tidebase_agents_migrate(
         timeout=120,
     )
     assert migrate.returncode == 0, migrate.stdout + migrate.stderr
-    assert asyncio.run(table_names(empty_pg_url)) == {*TIDEBASE_TABLES, VERSION_TABLE}
-    assert asyncio.run(query(empty_pg_url, f"SELECT version_num FROM {VERSION_TABLE}")) == [
-        [(HEAD,)]
-    ]
+    version = subprocess.run(
+        [str(venv / "bin" / "tidebase-agents"), "--version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert version.stdout == f"tidebase-agents {wheel.name.split('-')[1]}\n", version.stderr
+    assert asyncio.run(library_tables(empty_pg_url)) == {*TIDEBASE_TABLES, VERSION_TABLE}
+    version = qualified(empty_pg_url, VERSION_TABLE)
+    assert asyncio.run(query(empty_pg_url, f"SELECT version_num FROM {version}")) == [[(HEAD,)]]
     assert asyncio.run(run_pipeline(empty_pg_url)) == {"ok": True}
 
 
@@ -315,11 +349,12 @@ async def test_r13_unmigrated_postgres_raises_schema_not_migrated_and_is_left_al
     finally:
         await tide.close()
     assert await table_names(empty_pg_url) == set()
+    assert await library_tables(empty_pg_url) == set()
 
 
 async def test_r13_postgres_at_another_revision_raises_schema_not_migrated(pg_url: str) -> None:
     """R13: a PostgreSQL schema at another revision than the library's is not used."""
-    await query(pg_url, f"UPDATE {VERSION_TABLE} SET version_num = '0000_older'")
+    await query(pg_url, f"UPDATE {qualified(pg_url, VERSION_TABLE)} SET version_num = '0000_older'")
     with pytest.raises(SchemaNotMigrated) as info:
         await run_pipeline(pg_url)
     assert "0000_older" in str(info.value)
@@ -370,7 +405,7 @@ def test_postgres_url_spellings_all_mean_asyncpg(
         assert asyncio.run(run_pipeline(f"{spelling}://{rest}", f"url-{i}")) == {"ok": True}
     monkeypatch.setenv("TIDEBASE_DATABASE_URL", f"postgres://{rest}")
     assert asyncio.run(run_pipeline(None, "url-env")) == {"ok": True}
-    rows = asyncio.run(query(pg_url, "SELECT run_id FROM tidebase_runs ORDER BY run_id"))
+    rows = asyncio.run(query(pg_url, "SELECT run_id FROM tidebase.tidebase_runs ORDER BY run_id"))
     assert rows == [[("url-0",), ("url-1",), ("url-2",), ("url-env",)]]
 
 
@@ -441,7 +476,7 @@ async def test_close_waits_for_a_checkpoint_write_in_flight(pg_url: str) -> None
         await asyncio.wait_for(inside.wait(), 30)
         lock = blocker.transaction()
         await lock.start()
-        await blocker.execute("SELECT 1 FROM tidebase_runs WHERE run_id = 'w' FOR UPDATE")
+        await blocker.execute("SELECT 1 FROM tidebase.tidebase_runs WHERE run_id = 'w' FOR UPDATE")
         gate.set()
         for _ in range(3000):  # until the step's write waits on the lock
             waiting = await blocker.fetchval(

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
-from wk_support import cli, cli_many, enqueue, start_worker, stop_process, wait_for
+from wk_support import (
+    CLI,
+    child_env,
+    cli,
+    cli_many,
+    enqueue,
+    start_worker,
+    stop_process,
+    wait_for,
+)
 
 from tidebase_agents import Run, Tidebase, checkpointed_pipeline, current_run
 from tidebase_agents._cli import app
@@ -31,6 +42,13 @@ pytestmark = pytest.mark.postgres
 async def tide(pg_url: str) -> AsyncIterator[Tidebase]:
     yield Tidebase(pg_url)
     await close_stores()
+
+
+def step_blocks(text: str) -> list[str]:
+    """The step entries of `runs show` output, each on one line (wrapping undone)."""
+    section = text.split("\n\n")[1]
+    blocks = re.split(r"^ *\d+\. ", section, flags=re.M)[1:]
+    return [" ".join(block.split()) for block in blocks]
 
 
 def ok(result: Any) -> str:
@@ -120,9 +138,11 @@ async def test_runs_list_show_and_usage(pg_url: str, tide: Tidebase, tmp_path: P
     assert [(r["run_id"], r["status"], r["queue"]) for r in listed] == [(queued, "queued", "slow")]
 
     text = ok(show)
-    assert "status completed" in text and "attempts 2" in text
-    assert "executed in attempt 1, replayed in 1 later" in text  # research
-    assert "executed in attempt 2" in text  # write, after failing once
+    assert re.search(r"^status +completed$", text, re.M), text
+    assert re.search(r"^attempts +2$", text, re.M), text
+    research, write = step_blocks(text)
+    assert "executed in attempt 1; replayed from its checkpoint in attempt 2" in research
+    assert "failed in attempt 1 (RuntimeError: writer timed out); executed in attempt 2" in write
     assert "gpt-4o-mini" in text and "total cost: $0.000435" in text
     for kind in ("run_started", "step_failed_retryable", "run_resumed", "run_completed"):
         assert kind in text
@@ -308,3 +328,56 @@ def test_errors_and_usage_in_process(pg_url: str, monkeypatch: pytest.MonkeyPatc
     check(invoke("usage", "--prices", "/nonexistent.json"), 1, "cannot read price file")
     check(invoke("worker", "--app", "no_such_module:tide"), 1, "cannot import app module")
     check(invoke("worker", "--app", "wk_app:tide", "--concurrency", "0"), 2, "concurrency")
+
+
+FOLDER_APP = """
+from tidebase_agents import checkpointed_pipeline, current_run
+
+
+@checkpointed_pipeline("folder-app")
+async def double(n: int) -> int:
+    return await current_run().step("double", lambda: n * 2)
+"""
+
+
+async def test_worker_imports_its_app_from_the_working_directory_or_app_dir(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """`worker --app module` run from the module's folder serves its pipelines (the working
+    directory is on the import path, as with uvicorn and celery), so does `--app-dir DIR`
+    from anywhere else; worker options come from TIDEBASE_WORKER_* when not given."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "folder_app.py").write_text(FOLDER_APP)
+    store = get_store(pg_url)
+    env = child_env(TIDEBASE_WORKER_CONCURRENCY="3", TIDEBASE_WORKER_POLL_INTERVAL="0.2")
+    base = [*CLI, "--database-url", pg_url, "worker", "--app", "folder_app"]
+    try:
+        missing = subprocess.run(base, cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert missing.returncode == 1
+        assert missing.stderr.startswith("error: cannot import app module 'folder_app'")
+        assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+        for n, (cwd, extra) in enumerate([(project, []), (elsewhere, ["--app-dir", str(project)])]):
+            log = tmp_path / f"worker-{n}.log"
+            with log.open("wb") as fh:
+                proc = subprocess.Popen(
+                    [*base, *extra], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT
+                )
+            try:
+                data = {"args": [n + 1], "kwargs": {}}
+                run_id = await enqueue(store, "folder-app", data, sha256_hex(data))
+
+                async def done(run_id: str = run_id) -> bool:
+                    return (await store.get_run(run_id)).status == "completed"
+
+                await wait_for(done, f"the worker started from {cwd.name} to run {run_id}")
+                assert (await store.get_run(run_id)).output == 2 * (n + 1)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) == 0
+                text = log.read_text()
+                assert "pipelines ['folder-app'], queues ['default'], concurrency 3" in text
+            finally:
+                stop_process(proc)
+    finally:
+        await close_stores()

@@ -44,11 +44,13 @@ async def execute_sql(url: str, statement: str, *params: Any) -> None:
 
 async def set_json(url: str, table: str, column: str, json_text: str, **where: str) -> None:
     """Overwrite a JSON column of the rows matching ``where`` with ``json_text``."""
-    cast = "" if backend_of(url) == "sqlite" else "::jsonb"
+    sqlite = backend_of(url) == "sqlite"
+    cast = "" if sqlite else "::jsonb"
+    qualified = table if sqlite else f"tidebase.{table}"  # the library's own schema
     condition = " AND ".join(f"{k} = ?" for k in where)
     await execute_sql(
         url,
-        f"UPDATE {table} SET {column} = ?{cast} WHERE {condition}",
+        f"UPDATE {qualified} SET {column} = ?{cast} WHERE {condition}",
         json_text,
         *where.values(),
     )

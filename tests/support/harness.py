@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 PG_ADMIN_URL = os.environ.get(
     "TIDEBASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -57,3 +58,14 @@ def run_child(
         text=True,
         timeout=timeout,
     )
+
+
+def library_engine(url: str) -> Any:
+    """An engine that finds the library's tables where the library keeps them (on
+    PostgreSQL, its own schema), for tests that arrange rows by hand."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    if url.startswith("postgresql://"):
+        engine = create_async_engine("postgresql+asyncpg://" + url[len("postgresql://") :])
+        return engine.execution_options(schema_translate_map={None: "tidebase"})
+    return create_async_engine(url.replace("sqlite:///", "sqlite+aiosqlite:///", 1))

@@ -56,23 +56,23 @@ SETTINGS = {
 }
 
 DISK_FULL_SQL = """
-CREATE TABLE IF NOT EXISTS fault_flags (name text PRIMARY KEY, budget bigint NOT NULL);
-CREATE SEQUENCE IF NOT EXISTS fault_disk_full_seq;
-CREATE OR REPLACE FUNCTION fault_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE TABLE IF NOT EXISTS public.fault_flags (name text PRIMARY KEY, budget bigint NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS public.fault_disk_full_seq;
+CREATE OR REPLACE FUNCTION public.fault_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   budget bigint;
 BEGIN
-  SELECT f.budget INTO budget FROM fault_flags f WHERE f.name = 'disk_full';
+  SELECT f.budget INTO budget FROM public.fault_flags f WHERE f.name = 'disk_full';
   -- The sequence is not transactional: a write that fails still uses up its share.
-  IF budget IS NOT NULL AND (budget < 0 OR nextval('fault_disk_full_seq') <= budget) THEN
+  IF budget IS NOT NULL AND (budget < 0 OR nextval('public.fault_disk_full_seq') <= budget) THEN
     RAISE EXCEPTION 'could not extend file "base/tidebase_steps": No space left on device'
       USING ERRCODE = '53100', HINT = 'Check free disk space.';
   END IF;
   RETURN NEW;
 END $$;
-DROP TRIGGER IF EXISTS fault_disk_full ON tidebase_steps;
-CREATE TRIGGER fault_disk_full BEFORE INSERT OR UPDATE ON tidebase_steps
-  FOR EACH ROW EXECUTE FUNCTION fault_disk_full();
+DROP TRIGGER IF EXISTS fault_disk_full ON tidebase.tidebase_steps;
+CREATE TRIGGER fault_disk_full BEFORE INSERT OR UPDATE ON tidebase.tidebase_steps
+  FOR EACH ROW EXECUTE FUNCTION public.fault_disk_full();
 """
 
 

@@ -14,7 +14,7 @@ from .executor import Executor
 from .run import Run, run_var
 from .scope import scope_var
 from .settings import EngineSettings
-from .spec import StopRun
+from .spec import RunInfo, StopRun, run_scope
 
 log = logging.getLogger("tidebase_agents")
 
@@ -46,9 +46,28 @@ async def execute_run(
     """
     check_input_size(new.input, settings.max_payload_bytes, new.pipeline)
     acquired = await store.acquire(new, create=create, claim_token=claim_token, fresh_id=fresh_id)
+    info = RunInfo(new.pipeline, new.run_id, acquired.run.attempts, acquired.lease is None)
     if acquired.lease is None:
-        return _codec.decode(acquired.run.output, what=f"result of run {new.run_id!r}")
-    ex = Executor(store, settings, acquired)
+        log.debug("run %s had completed: its recorded result is returned", new.run_id)
+        with run_scope(info):
+            return _codec.decode(acquired.run.output, what=f"result of run {new.run_id!r}")
+    if acquired.steps:
+        log.info(
+            "run %s of %s: attempt %d, %d recorded steps to replay",
+            new.run_id,
+            new.pipeline,
+            info.attempt,
+            len(acquired.steps),
+        )
+    else:
+        log.debug("run %s of %s: attempt %d", new.run_id, new.pipeline, info.attempt)
+    with run_scope(info):
+        return await _execute(settings, new, body, Executor(store, settings, acquired))
+
+
+async def _execute(
+    settings: EngineSettings, new: NewRun, body: Callable[[Run], Awaitable[Any]], ex: Executor
+) -> Any:
     run = Run(ex)
     run_token = run_var.set(run)
     scope_token = scope_var.set(ex.root)
@@ -77,6 +96,12 @@ async def execute_run(
                 raise
             raise error from None
         await ex.complete(encoded)
+        log.debug(
+            "run %s completed: %d steps executed, %d replayed",
+            new.run_id,
+            len(ex.executed),
+            len(ex.replayed),
+        )
         return result
     finally:
         await ex.stop_heartbeat(heartbeat)

@@ -52,7 +52,7 @@ from .._vocab import (
 )
 from .scope import Scope, ToolCall, scope_var, tool_call_var
 from .settings import EngineSettings
-from .spec import RUN_CONTROL, Decision, Execution, StepSpec
+from .spec import RUN_CONTROL, Decision, Execution, StepSpec, step_replayed
 
 log = logging.getLogger("tidebase_agents")
 
@@ -174,14 +174,18 @@ class Executor:
             )
         if rec.status == StepStatus.COMPLETED:
             self.replayed.append(spec.name)
+            log.debug("run %s: step %s replayed from its checkpoint", self.run_id, spec.name)
+            step_replayed(self.run_id, spec.name)
             if rec.error is not None and spec.raise_error is not None:
                 spec.raise_error(rec.error)
             return Decision(DecisionKind.REPLAY, rec)
         if rec.status == StepStatus.MANUAL_REVIEW:
             self._outcome = StepStatus.MANUAL_REVIEW
+            log.info("run %s: step %s waits for review; not executed", self.run_id, spec.name)
             raise StepNeedsReview(self.run_id, spec.name, _reason(rec.error))
         if rec.status == StepStatus.FAILED:
             self._outcome = StepStatus.FAILED
+            log.info("run %s: step %s failed for good; not executed", self.run_id, spec.name)
             raise StepFailed(self.run_id, spec.name, _reason(rec.error))
         if rec.status == StepStatus.RUNNING and rec.side_effects and not rec.keyed:
             return Decision(DecisionKind.PARK, rec, rec.attempts)
@@ -206,6 +210,12 @@ class Executor:
         """Start executing a step: park an unkeyed in-doubt write (R5), or write the intent
         record of a side-effecting step."""
         if decision.kind == DecisionKind.PARK:
+            log.warning(
+                "run %s: step %s was in doubt (an unkeyed external write when its executor "
+                "died); parked for review",
+                self.run_id,
+                spec.name,
+            )
             await self._write(
                 spec,
                 StepStatus.MANUAL_REVIEW,
@@ -231,6 +241,19 @@ class Executor:
             await self._guarded(self.store.check_lease(self.lease, timeout=self._remaining()))
             self._confirmed_at = time.monotonic()
         execution = Execution(decision.attempts, utcnow(), time.perf_counter())
+        if decision.in_doubt:
+            log.info(
+                "run %s: step %s was in doubt (its executor died during it); re-executing "
+                "(attempt %d, idempotency key %s)",
+                self.run_id,
+                spec.name,
+                decision.attempts,
+                spec.idempotency_key,
+            )
+        else:
+            log.debug(
+                "run %s: executing step %s (attempt %d)", self.run_id, spec.name, decision.attempts
+            )
         if spec.side_effects:
             # What led to this external call (the model turn that asked for it) is recorded
             # first: a resume then replays that turn instead of asking the model anew.
@@ -250,8 +273,6 @@ class Executor:
                 started_at=execution.started,
                 events=[Event(kind, spec.name, data)],
             )
-        elif decision.in_doubt:
-            log.info("re-executing in-doubt step %s of run %s", spec.name, self.run_id)
         return execution
 
     async def conclude(
@@ -295,6 +316,9 @@ class Executor:
                 **common,
             )
             self.executed.append(spec.name)
+            log.debug(
+                "run %s: step %s executed and recorded (%.1f ms)", self.run_id, spec.name, duration
+            )
             return value
         recorded = spec.encode_error(error) if spec.encode_error else None
         if recorded is not None:
@@ -318,6 +342,14 @@ class Executor:
             self.executed.append(spec.name)
             raise error
         status = self._classify(spec, keyed)
+        log.info(
+            "run %s: step %s failed (%s: %s); recorded as %s",
+            self.run_id,
+            spec.name,
+            type(error).__name__,
+            error,
+            status,
+        )
         await self._write(
             spec,
             status,
@@ -447,6 +479,7 @@ class Executor:
                 usage=usage,
                 output_json=output_json,
                 transient=transient,
+                input_json=spec.input_json,
                 timeout=self._remaining(),
             )
         )
@@ -664,6 +697,7 @@ class Executor:
             status = RUN_STATUS_OF_STEP[self._outcome]
         else:
             status = RunStatus.FAILED_RETRYABLE
+        log.info("run %s: ended %s (%s: %s)", self.run_id, status, type(exc).__name__, exc)
         with contextlib.suppress(LeaseLost, RunCancelled):
             await self.store.finish(
                 self.lease,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextvars
 import inspect
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, overload
 
 from .. import _codec
 from .._errors import ConfigurationError, TidebaseError
-from .._hashing import canonical, sha256_hex
+from .._hashing import canonical, canonical_json, sha256_text
 from .._ids import derive_idempotency_key, validate_step_name
 from .._store import UsageRecord
 from .._vocab import ReplayPolicy, parse
@@ -22,6 +22,8 @@ from .spec import StepSpec, is_reentrant
 #: release wrote the second spelling.
 _REENTRANT = {"$t": "reentrant"}
 _REENTRANT_TAGS = ("reentrant", "agents.run_result")
+
+T = TypeVar("T")
 
 
 class NotInRun(TidebaseError):
@@ -49,6 +51,32 @@ class Run:
         """How many times this run has been executed, this execution included."""
         return self._executor.record.attempts
 
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        input: Any = None,
+        side_effects: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+        retries: int = 0,
+        replay: ReplayPolicy | str = ReplayPolicy.AUTO,
+    ) -> T: ...
+
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[[], T],
+        *,
+        input: Any = None,
+        side_effects: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+        retries: int = 0,
+        replay: ReplayPolicy | str = ReplayPolicy.AUTO,
+    ) -> T: ...
+
     async def step(
         self,
         name: str,
@@ -62,7 +90,8 @@ class Run:
     ) -> Any:
         """Run ``fn`` as the checkpointed step ``name``, or return its recorded output (R1).
 
-        ``fn`` takes no arguments and returns a value or an awaitable. ``input`` is what the
+        ``fn`` takes no arguments and returns a value or an awaitable; the step returns the
+        value (awaited). ``input`` is what the
         step's answer depends on; a recorded step invoked with a different input raises
         :class:`StepInputMismatch` (R2). ``side_effects`` names the external systems the step
         writes to; with no ``idempotency_key`` such a step is parked for manual review rather
@@ -97,10 +126,12 @@ class Run:
                     return await out if inspect.isawaitable(out) else out
             return _codec.decode(data, what=f"output of step {full!r}")
 
+        input_text = canonical_json(input, what=f"input of step {full!r}")
         spec = StepSpec(
             name=full,
             fn=fn,
-            input_hash=sha256_hex(input, what=f"input of step {full!r}"),
+            input_hash=sha256_text(input_text, what=f"input of step {full!r}"),
+            input_json=None if input is None else _codec.bounded_json(input_text),
             side_effects=list(side_effects) if side_effects else None,
             idempotency_key=idempotency_key or derive_idempotency_key(self.run_id, full),
             keyed=idempotency_key is not None,

@@ -3,14 +3,16 @@
 A step spec carries its own output codec (``encode`` / ``decode``) and, optionally, how a
 deterministic failure is recorded and replayed and what usage a result spent: the SDK package
 builds agent and tool steps from these hooks, and the engine never needs to know what an agent
-is.
+is. Observers (the SDK's tracing) register a run scope, entered around each execution of a
+run, and a callback for each replayed step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from .. import _codec
@@ -56,6 +58,8 @@ class StepSpec:
     #: Checkpoints nested in this step whose last name segment starts with this marker are
     #: journal entries only while the step runs (its model turns): its completion drops them.
     transient: str | None = None
+    #: What the step was called with as JSON text, recorded for people (bounded).
+    input_json: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,3 +138,48 @@ def set_pipeline_options(options: PipelineOptions) -> contextvars.Token[Pipeline
 
 def reset_pipeline_options(token: contextvars.Token[PipelineOptions | None]) -> None:
     _pipeline_options.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """One execution of a run, as observers see it."""
+
+    pipeline: str
+    run_id: str
+    attempt: int
+    #: The run had completed: its recorded result is returned and nothing executes (R7).
+    replayed: bool = False
+
+
+RunScope = Callable[[RunInfo], contextlib.AbstractContextManager[None]]
+StepReplayed = Callable[[str, str], None]
+
+_run_scopes: list[RunScope] = []
+_step_replayed: list[StepReplayed] = []
+
+
+def register_run_scope(factory: RunScope) -> None:
+    """Enter ``factory(info)`` around each execution of a run (idempotent)."""
+    if factory not in _run_scopes:
+        _run_scopes.append(factory)
+
+
+def register_step_replayed(callback: StepReplayed) -> None:
+    """Call ``callback(run_id, step_name)`` when a step replays from its checkpoint
+    (idempotent)."""
+    if callback not in _step_replayed:
+        _step_replayed.append(callback)
+
+
+@contextlib.contextmanager
+def run_scope(info: RunInfo) -> Iterator[None]:
+    """The registered run scopes, entered in registration order."""
+    with contextlib.ExitStack() as stack:
+        for factory in _run_scopes:
+            stack.enter_context(factory(info))
+        yield
+
+
+def step_replayed(run_id: str, step: str) -> None:
+    for callback in _step_replayed:
+        callback(run_id, step)

@@ -17,6 +17,7 @@ Modules, one seam each:
 * ``streaming``: streamed runs, completion and replay;
 * ``tools``, ``tool_signature``: ``@durable_tool``;
 * ``session``: sessions journaled under replay;
+* ``tracing``: one trace per execution of a run, replayed steps as spans;
 * ``_fastpath``: a faster ``RunState.to_json`` for graphs with unique agent names.
 """
 
@@ -51,16 +52,19 @@ _check_sdk_version()
 
 from agents.result import RunResultBase
 
-from .._engine import register_reentrant_output
+from .._engine import register_reentrant_output, register_run_scope, register_step_replayed
 from . import _fastpath, model
 from .agent_runner import install_runner
 from .agent_steps import INTERCEPTOR
+from .tracing import run_trace, step_replayed
 
 
 def install() -> None:
-    """Plug the SDK into the engine: agent runs inside a pipeline become steps, and their
-    model turns journal entries (idempotent)."""
+    """Plug the SDK into the engine: agent runs inside a pipeline become steps, their model
+    turns journal entries, each run execution one trace (idempotent)."""
     _fastpath.install()
     model.install()
     register_reentrant_output(RunResultBase)
     install_runner(INTERCEPTOR)
+    register_run_scope(run_trace)
+    register_step_replayed(step_replayed)

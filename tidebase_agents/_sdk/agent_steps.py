@@ -13,6 +13,7 @@ from agents import Agent, RunResult, RunResultStreaming
 from agents.exceptions import ModelBehaviorError
 from agents.run import AgentRunner
 
+from .._codec import bounded_json
 from .._engine import (
     Execution,
     Executor,
@@ -23,7 +24,7 @@ from .._engine import (
     current_scope,
     current_tool_call,
 )
-from .._hashing import parts_hash, sha256_hex
+from .._hashing import canonical_json, parts_hash, sha256_hex, sha256_text
 from .._store import utcnow
 from .._vocab import DecisionKind
 from .agent_runner import sdk_run, sdk_run_streamed, tool_call_scope
@@ -104,8 +105,12 @@ def _agent_spec(
     if kwargs.get("session") is not None and not isinstance(kwargs["session"], DurableSession):
         kwargs = {**kwargs, "session": DurableSession(kwargs["session"], ex)}
     parts = {**agent_fingerprint(agent), **run_options_parts(kwargs)}
-    parts["input"] = run_input_json(input)
-    input_hash, per_part = parts_hash(parts, what=f"input of agent {agent.name!r}")
+    what = f"input of agent {agent.name!r}"
+    # The run input's canonical JSON is hashed and recorded (bounded) from one serialization.
+    input_text = canonical_json(run_input_json(input), what=f"{what} (input)")
+    input_hash, per_part = parts_hash(
+        parts, what=what, hashed={"input": sha256_text(input_text, what=f"{what} (input)")}
+    )
     name = _claim(ex, _agent_scope(ex, context), agent.name, input_hash)
 
     async def decode(payload: Any) -> Any:
@@ -124,6 +129,7 @@ def _agent_spec(
         ),
         # Usage is recorded per model call, with each turn's journal entry (T1).
         transient=TURN,
+        input_json=bounded_json(input_text),
     )
     return with_replay_extras(spec, agent, input, kwargs, context)
 

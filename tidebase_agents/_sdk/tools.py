@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 
 from agents import RunContextWrapper
 
-from .._codec import encode, register_annotations
+from .._codec import bounded_json, encode, register_annotations
 from .._engine import (
     RUN_CONTROL,
     Executor,
@@ -24,7 +24,7 @@ from .._engine import (
     idempotency_key,
 )
 from .._errors import ConfigurationError, TidebaseError
-from .._hashing import sha256_hex
+from .._hashing import canonical_json, sha256_text
 from .._ids import derive_idempotency_key
 from .._vocab import HALTING_STEP_STATUSES, ReplayPolicy, parse
 from .context import with_context_snapshots
@@ -136,7 +136,8 @@ class _DurableTool:
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         tool_name = getattr(context, "tool_name", None) or self.fn.__name__
-        args_hash = sha256_hex(arguments, what=f"arguments of tool {tool_name!r}")
+        args_text = canonical_json(arguments, what=f"arguments of tool {tool_name!r}")
+        args_hash = sha256_text(args_text, what=f"arguments of tool {tool_name!r}")
         scope = current_scope() or ex.root
         key = f"tool:{tool_name}:{args_hash[:12]}"
         name = f"{scope.prefix}{key}#{scope.next_ordinal(key)}"
@@ -159,6 +160,7 @@ class _DurableTool:
             retries=self.retries,
             tool_call=ToolCall(idem, explicit=self.key_fn is not None),
             encode=lambda value: encode(value, what=f"output of tool {tool_name!r} ({name})"),
+            input_json=bounded_json(args_text),
         )
         return with_context_snapshots(spec, context)
 

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._config import redact
 from .._errors import (
+    ConfigurationError,
     DatabaseUnavailable,
     LeaseLost,
     RunCancelled,
@@ -112,8 +113,10 @@ class Store(QueueOps, abc.ABC):
     #: The SQLAlchemy backend name this class serves.
     backend: ClassVar[str]
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, schema: str | None = None) -> None:
         self.url = url
+        #: The PostgreSQL schema of the tables (None where the backend has no schemas).
+        self.schema = schema
         self.engine: AsyncEngine = self._make_engine()
         self._ready: asyncio.Future[None] | None = None
         #: Statements sent to the database by this store, for round-trip accounting.
@@ -153,13 +156,31 @@ class Store(QueueOps, abc.ABC):
     async def schema_revision(self) -> str | None:
         """The tidebase Alembic revision of the database, or None if it has none."""
         async with self.connect() as conn:
-            return await conn.run_sync(_migrate.read_revision)
+            return await conn.run_sync(_migrate.read_revision, self.schema)
 
-    async def migrate(self, revision: str = "head") -> None:
-        """Run the packaged Alembic migrations up to ``revision``."""
+    async def migrate(self, revision: str = "head", *, stamp: bool = False) -> None:
+        """Run the packaged Alembic migrations up to ``revision`` (``stamp``: only record
+        ``revision`` as applied, for tables that were created another way)."""
         async with self.connect() as conn:
-            await conn.run_sync(_migrate.run_alembic, "upgrade", revision)
+            await conn.run_sync(
+                _migrate.run_alembic, "stamp" if stamp else "upgrade", revision, self.schema
+            )
             await conn.commit()
+
+    async def migration_sql(self) -> str:
+        """The DDL that :meth:`migrate` would run from the database's revision (read if the
+        database can be reached; else from an empty database), without applying any."""
+        if self.schema is None:
+            raise ConfigurationError(
+                "migrate --sql prints PostgreSQL DDL; an SQLite database migrates itself on "
+                "first use"
+            )
+        try:
+            async with self.connect() as conn:
+                plan = await conn.run_sync(_migrate.plan_offline, self.schema)
+        except DatabaseUnavailable:
+            plan = _migrate.OfflinePlan(None, None)
+        return _migrate.offline_sql(self.url, self.schema, plan)
 
     def unavailable(self, exc: BaseException) -> DatabaseUnavailable:
         """The library's error for a database that could not be used, naming the cause."""
@@ -321,14 +342,17 @@ class Store(QueueOps, abc.ABC):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        input_json: str | None = None,
         transient: str | None = None,
         timeout: float | None = None,
     ) -> None:
         """Insert or update a step under the lease, with its events and usage, in one commit.
 
-        ``output_json`` is the step's output already serialized, when the caller has it.
-        Usage an earlier execution recorded for the same steps is marked lost. ``transient``
-        drops the step's nested checkpoints with a name segment starting with it.
+        ``output_json`` / ``input_json`` are the step's output / recorded input already
+        serialized, when the caller has them (``input_json`` takes the place of
+        ``step.input``). Usage an earlier execution recorded for the same steps is marked
+        lost. ``transient`` drops the step's nested checkpoints with a name segment starting
+        with it.
         """
 
     @abc.abstractmethod

@@ -3,6 +3,11 @@
 Those statements go out in autocommit on a few long-lived asyncpg connections
 (:class:`WriterPool`): a pool checkout through SQLAlchemy costs several times the client work
 of the statement itself. Reads and operator actions use the SQLAlchemy engine.
+
+The tables live in the store's schema. The SQLAlchemy engine qualifies every table it names
+(``schema_translate_map``); the asyncpg connections get ``search_path`` set to the schema in
+their startup packet, so the :mod:`.sql` statements stay one constant text whatever the schema
+(asyncpg prepares and caches them by their text) and naming it costs no round trip.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -22,9 +28,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .._config import redact
+from .._config import DEFAULT_SCHEMA, redact
 from .._errors import CheckpointSerializationError, SchemaNotMigrated, TidebaseError
 from .._vocab import TERMINAL_RUN_STATUSES, EventKind, RunStatus
+from . import migrate as _migrate
 from . import sql
 from .base import Listener, Store
 from .records import (
@@ -45,10 +52,19 @@ from .tables import SCHEMA_REVISION
 #: (fenced writes wait no longer than the executor's lease has left).
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
-#: PostgreSQL ``NOTIFY`` channel on which enqueues wake workers; the payload is the queue.
-NOTIFY_CHANNEL = "tidebase_runs"
-#: ``pg_try_advisory_xact_lock`` key electing the one reconciler that acts in a pass.
-RECONCILER_LOCK_KEY = 0x7469646562617365  # b"tidebase"
+
+
+def notify_channel(schema: str) -> str:
+    """The ``NOTIFY`` channel on which enqueues into ``schema`` wake workers (payload: the
+    queue); ``tidebase_runs`` for the default schema."""
+    return f"{schema}_runs"
+
+
+def reconciler_lock_key(schema: str) -> int:
+    """The ``pg_try_advisory_xact_lock`` key electing the one reconciler of ``schema`` that
+    acts in a pass."""
+    digest = hashlib.sha256(f"tidebase-reconciler:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def jsonb(value: Any) -> str | None:
@@ -70,7 +86,9 @@ def _usage_param(usage: Sequence[UsageRecord]) -> str:
     return json.dumps([fields_of(u) for u in usage], separators=(",", ":"))
 
 
-def _step_params(step: StepRecord, now: dt.datetime, output_json: str | None) -> list[Any]:
+def _step_params(
+    step: StepRecord, now: dt.datetime, output_json: str | None, input_json: str | None
+) -> list[Any]:
     values = fields_of(step)
     values["started_at"] = values["started_at"] or now
     values["status"] = str(values["status"])
@@ -80,13 +98,24 @@ def _step_params(step: StepRecord, now: dt.datetime, output_json: str | None) ->
         for c in sql.STEP_WRITE_COLUMNS
     ]
     if output_json is not None:
-        params[sql.STEP_WRITE_COLUMNS.index("output")] = output_json
+        params[_OUTPUT_PARAM] = output_json
+    if input_json is not None:
+        params[_INPUT_PARAM] = input_json
     return params
+
+
+_OUTPUT_PARAM = sql.STEP_WRITE_COLUMNS.index("output")
+_INPUT_PARAM = sql.STEP_WRITE_COLUMNS.index("input")
 
 
 def driver_dsn(url: str) -> str:
     """The asyncpg DSN of a ``postgresql+asyncpg://`` SQLAlchemy URL."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def connect_in(dsn: str, schema: str, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """An asyncpg connection whose ``search_path`` is ``schema`` (set at connect)."""
+    return asyncpg.connect(dsn, timeout=timeout, server_settings={"search_path": f'"{schema}"'})
 
 
 def _not_sent(exc: BaseException) -> bool:
@@ -98,8 +127,9 @@ def _not_sent(exc: BaseException) -> bool:
 class WriterPool:
     """A few long-lived asyncpg connections for the single-statement writes."""
 
-    def __init__(self, dsn: str, size: int = 4) -> None:
+    def __init__(self, dsn: str, schema: str, size: int = 4) -> None:
         self._dsn = dsn
+        self._schema = schema
         self._slots = asyncio.Semaphore(size)
         self._idle: list[asyncpg.Connection] = []
 
@@ -135,7 +165,7 @@ class WriterPool:
             if not conn.is_closed():
                 return conn
             conn.terminate()
-        conn = await asyncpg.connect(self._dsn, timeout=timeout)
+        conn = await connect_in(self._dsn, self._schema, timeout)
         # JSON parameters are passed as text, as the statements expect.
         await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
         return conn
@@ -148,10 +178,12 @@ class WriterPool:
 
 class PostgresStore(Store):
     backend: ClassVar[str] = "postgresql"
+    schema: str
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self._writers = WriterPool(driver_dsn(url))
+    def __init__(self, url: str, schema: str | None = None) -> None:
+        super().__init__(url, schema or DEFAULT_SCHEMA)
+        self._writers = WriterPool(driver_dsn(url), self.schema)
+        self.channel = notify_channel(self.schema)
 
     def _make_engine(self) -> AsyncEngine:
         # Pooled connections are pinged at checkout, so a server restart costs no failed call;
@@ -162,12 +194,13 @@ class PostgresStore(Store):
             max_overflow=20,
             pool_pre_ping=True,
             connect_args={"timeout": CONNECT_TIMEOUT, "command_timeout": COMMAND_TIMEOUT},
+            execution_options={"schema_translate_map": {None: self.schema}},
         )
 
     async def _open(self) -> None:
-        revision = await self.schema_revision()
+        async with self.connect() as conn:
+            revision, state = await conn.run_sync(_migrate.schema_state, self.schema)
         if revision != SCHEMA_REVISION:
-            state = "has no tidebase tables" if revision is None else f"is at {revision}"
             raise SchemaNotMigrated(
                 f"database {redact(self.url)} {state}; this version of tidebase-agents needs "
                 f"{SCHEMA_REVISION}. Run `tidebase-agents migrate` (or `alembic upgrade head` "
@@ -262,6 +295,7 @@ class PostgresStore(Store):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        input_json: str | None = None,
         transient: str | None = None,
         timeout: float | None = None,
     ) -> None:
@@ -269,7 +303,7 @@ class PostgresStore(Store):
             lease,
             sql.WRITE_STEP,
             len(events),
-            *_step_params(step, utcnow(), output_json),
+            *_step_params(step, utcnow(), output_json, input_json),
             _events_param(events),
             _usage_param(usage),
             *(sql.transient_patterns(step.name, transient) if transient else (None, None)),
@@ -352,22 +386,22 @@ class PostgresStore(Store):
 
     async def _notify(self, conn: AsyncConnection, queue: str) -> None:
         # Delivered at commit, so a woken worker always finds the run.
-        await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, queue)))
+        await conn.execute(select(func.pg_notify(self.channel, queue)))
 
     async def _elect_reconciler(self, conn: AsyncConnection) -> bool:
         return bool(
             (
-                await conn.execute(select(func.pg_try_advisory_xact_lock(RECONCILER_LOCK_KEY)))
+                await conn.execute(
+                    select(func.pg_try_advisory_xact_lock(reconciler_lock_key(self.schema)))
+                )
             ).scalar()
         )
 
     async def listen(self, callback: Callable[[str], None]) -> Listener:
         """A dedicated connection calling ``callback(queue)`` on each enqueue notification."""
         with self.driver_errors():
-            conn = await asyncpg.connect(driver_dsn(self.url))
-            await conn.add_listener(
-                NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: callback(payload)
-            )
+            conn = await connect_in(driver_dsn(self.url), self.schema)
+            await conn.add_listener(self.channel, lambda _c, _pid, _ch, payload: callback(payload))
         return _PgListener(conn)
 
 

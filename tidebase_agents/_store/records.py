@@ -63,7 +63,8 @@ class StepRecord:
     """A step's checkpoint as stored (also what a step write sends).
 
     ``lease_token`` is the fencing token of the execution that wrote it, which tells which
-    attempt of the run executed the step.
+    attempt of the run executed the step. ``input`` is what the step was called with, for
+    people to read (bounded; replay decides by ``input_hash``).
     """
 
     name: str
@@ -81,6 +82,7 @@ class StepRecord:
     started_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
     duration_ms: float | None = None
+    input: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

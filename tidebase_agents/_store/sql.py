@@ -83,7 +83,7 @@ def _usage(param: int) -> str:
 
 #: Step columns a step write sends, in parameter order after the four fence parameters.
 STEP_WRITE_COLUMNS = [c for c in STEP_FIELDS if c != "lease_token"]
-STEP_JSON_COLUMNS = frozenset({"input_parts", "output", "error", "side_effects"})
+STEP_JSON_COLUMNS = frozenset({"input_parts", "output", "error", "side_effects", "input"})
 _STEP_PARAMS = ", ".join(
     f"${i}::jsonb" if c in STEP_JSON_COLUMNS else f"${i}"
     for i, c in enumerate(STEP_WRITE_COLUMNS, start=5)

@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import functools
 import inspect
+import json
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -209,6 +210,7 @@ class SQLiteStore(Store):
         events: Sequence[Event] = (),
         usage: Sequence[UsageRecord] = (),
         output_json: str | None = None,
+        input_json: str | None = None,
         transient: str | None = None,
         timeout: float | None = None,
     ) -> None:
@@ -220,6 +222,8 @@ class SQLiteStore(Store):
             status=str(step.status),
             replay=str(step.replay),
         )
+        if input_json is not None:
+            values["input"] = json.loads(input_json)
         stmt = sqlite_insert(StepRow).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=["run_id", "name"],

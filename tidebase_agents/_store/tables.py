@@ -168,6 +168,10 @@ class StepRow(Base):
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     duration_ms: Mapped[float | None] = mapped_column(Float)
+    #: What the step was called with, for people (replay decides by ``input_hash``): explicit
+    #: steps' ``input``, durable tools' arguments, agent runs' input; cut to a preview when long
+    #: (``_codec.bounded_json``).
+    input: Mapped[Any | None] = mapped_column(JSONType)
 
     __table_args__ = (UniqueConstraint("run_id", "name", name="uq_tidebase_steps_run_name"),)
 
@@ -222,3 +226,7 @@ class UsageRow(Base):
         UniqueConstraint("run_id", "dedupe_key", name="uq_tidebase_usage_run_dedupe"),
         Index("ix_tidebase_usage_model", "model"),
     )
+
+
+#: The library's tables (the Alembic version table aside).
+TABLE_NAMES = tuple(sorted(Base.metadata.tables))

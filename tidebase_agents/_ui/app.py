@@ -157,14 +157,15 @@ def _environment() -> jinja2.Environment:
 def create_app(
     database_url: str | None = None,
     *,
+    schema: str | None = None,
     token: str | None = None,
     prices: str | None = None,
     page_size: int = 50,
 ) -> Starlette:
     """The inspector for ``database_url`` (default ``$TIDEBASE_DATABASE_URL``, else
-    ``./tidebase.db``). ``token`` makes every request prove it; ``prices`` is a JSON price
-    table overriding the built-in one."""
-    tide = Tidebase(database_url)
+    ``./tidebase.db``; ``schema`` as ``Tidebase`` takes it). ``token`` makes every request
+    prove it; ``prices`` is a JSON price table overriding the built-in one."""
+    tide = Tidebase(database_url, schema=schema)
     table = load_prices(prices)
     templates = Jinja2Templates(env=_environment())
 

@@ -28,12 +28,13 @@ def serve(
     port: int = 8321,
     *,
     database_url: str | None = None,
+    schema: str | None = None,
     token: str | None = None,
     prices: str | None = None,
 ) -> None:
     """Serve the inspector until interrupted (``BindRefused`` for an unguarded open bind)."""
     check_bind(host, token)
-    app = create_app(database_url, token=token, prices=prices)
+    app = create_app(database_url, schema=schema, token=token, prices=prices)
     shown = f"[{host}]" if ":" in host else host
     print(f"tidebase inspector (read-only) on http://{shown}:{port}/", flush=True)
     # No access log: a first request may carry the token in its query string.

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 from sqlalchemy.dialects import postgresql
+
+from tidebase_agents._store.migrate import migration_schema, refuse_unversioned
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -27,6 +29,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    if not context.is_offline_mode():
+        # Tables created another way (an application's Alembic running these migrations
+        # records them in its own version table) would collide: say so instead.
+        bind = op.get_bind()
+        postgres = bind.dialect.name == "postgresql"
+        refuse_unversioned(bind, migration_schema(context.config) if postgres else None)
     op.create_table(
         "tidebase_runs",
         sa.Column("run_id", sa.String(length=255), nullable=False),

@@ -1,7 +1,7 @@
 """usage records say whether the work they paid for was done again by a later attempt
 
 Revision ID: 0006_usage_lost
-Revises: 0002_drop_cancel_requested
+Revises: 0003_own_schema
 Create Date: 2026-12-01 23:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006_usage_lost"
-down_revision: str | None = "0002_drop_cancel_requested"
+down_revision: str | None = "0003_own_schema"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
