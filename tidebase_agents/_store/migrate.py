@@ -73,6 +73,17 @@ def migration_schema(config: Any) -> str:
     return resolve_schema(given)
 
 
+def revision_schema() -> str | None:
+    """The schema a migration revision being run works in: the library's on PostgreSQL, None
+    on SQLite. Revisions name it on every operation, since an application's own ``env.py``
+    may run them with a ``search_path`` that does not find the library's tables."""
+    from alembic import context, op
+
+    if op.get_context().dialect.name != "postgresql":
+        return None
+    return migration_schema(context.config)
+
+
 def run_alembic(sync_conn: Any, direction: str, revision: str, schema: str | None) -> None:
     """``alembic upgrade|stamp revision`` on ``sync_conn``."""
     with quiet_alembic():

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from tidebase_agents._store.migrate import migration_schema
+from tidebase_agents._store.migrate import revision_schema
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 # Frozen at this revision (the version table last: a failure leaves the history consistent).
@@ -36,13 +36,6 @@ revision: str = "0003_own_schema"
 down_revision: str | None = "0002_drop_cancel_requested"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
-
-
-def _schema() -> str | None:
-    """The library's schema on PostgreSQL; None on SQLite."""
-    return (
-        migration_schema(context.config) if op.get_context().dialect.name == "postgresql" else None
-    )
 
 
 def _literal(text: str) -> str:
@@ -93,7 +86,7 @@ END $$"""
 
 
 def upgrade() -> None:
-    schema = _schema()
+    schema = revision_schema()
     if schema is not None:
         op.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         op.execute(_move_into(schema))
@@ -102,7 +95,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    schema = _schema()
+    schema = revision_schema()
     with op.batch_alter_table("tidebase_steps", schema=schema) as batch_op:
         batch_op.drop_column("input")
     if schema is not None:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from tidebase_agents._store.migrate import revision_schema
+
 revision: str = "0007_inspector_indexes"
 down_revision: str | None = "0006_usage_lost"
 branch_labels: str | Sequence[str] | None = None
@@ -18,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("tidebase_runs", schema=None) as batch_op:
+    with op.batch_alter_table("tidebase_runs", schema=revision_schema()) as batch_op:
         batch_op.create_index("ix_tidebase_runs_created", ["created_at", "run_id"], unique=False)
         batch_op.create_index(
             "ix_tidebase_runs_status_created", ["status", "created_at", "run_id"], unique=False
@@ -26,6 +28,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("tidebase_runs", schema=None) as batch_op:
+    with op.batch_alter_table("tidebase_runs", schema=revision_schema()) as batch_op:
         batch_op.drop_index("ix_tidebase_runs_status_created")
         batch_op.drop_index("ix_tidebase_runs_created")
