@@ -435,6 +435,23 @@ async def conc_dbos_pg(params: Params) -> dict[str, Any]:
     return await _dbos(params, params["dbos_pg_url"], measure)
 
 
+# --------------------------------------------------------------------------- recovery
+
+
+async def recovery_pg(params: Params) -> dict[str, Any]:
+    """Kill of a worker holding a run, until another worker resumes it (``bench.recovery``)."""
+    from bench import recovery
+
+    return await recovery.measure_ours({**params, "tag": uuid.uuid4().hex[:8]})
+
+
+async def recovery_dbos_pg(params: Params) -> dict[str, Any]:
+    """DBOS: launch of a new process until it recovers the killed one's workflow."""
+    from bench import recovery
+
+    return await recovery.measure_dbos({**params, "tag": uuid.uuid4().hex[:8]})
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -463,6 +480,8 @@ CONFIGS: dict[str, Config] = {
     "conc_ours_pg": conc_ours_pg,
     "conc_ours_sqlite": conc_ours_sqlite,
     "conc_dbos_pg": conc_dbos_pg,
+    "recovery_pg": recovery_pg,
+    "recovery_dbos_pg": recovery_dbos_pg,
 }
 
 

@@ -64,9 +64,15 @@ CONFIG_ORDER = [
     "conc_ours_pg",
     "conc_ours_sqlite",
     "conc_dbos_pg",
+    "recovery_pg",
+    "recovery_dbos_pg",
 ]
 PG_CONFIGS = {c for c in CONFIG_ORDER if c.endswith("_pg")}
-OURS_CONFIGS = {c for c in CONFIG_ORDER if "ours" in c or c.startswith(("steps", "resume"))}
+OURS_CONFIGS = {
+    c
+    for c in CONFIG_ORDER
+    if "ours" in c or c.startswith(("steps", "resume")) or c == "recovery_pg"
+}
 PACKAGES = [
     "tidebase-agents",
     "openai-agents",
@@ -389,6 +395,8 @@ def summarize(results: dict[str, ConfigResult]) -> Summary:
             ("conc_dbos_pg", f"dbos_throughput_ratio_{level}"),
         ):
             s[key] = ratio(med(config, f"pps_{level}"), bare_pps)
+    s["recovery_after_kill_ms"] = med("recovery_pg", "recovery_after_kill_ms")
+    s["dbos_launch_to_recovery_ms"] = med("recovery_dbos_pg", "dbos_launch_to_recovery_ms")
     return s
 
 

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _offline import ModelCall, last_user_text, model, reply
 from agents import Agent, Runner
 
-from tidebase_agents import AsyncTidebase, RunLocked
+from tidebase_agents import AsyncTidebase
 
-tide = AsyncTidebase(lease_seconds=2)
+tide = AsyncTidebase()
 
 researcher = Agent(
     name="researcher",
@@ -64,14 +64,9 @@ async def pipeline(run, input):
 
 
 async def attempt(run_id: str) -> None:
-    while True:
-        try:
-            result = await tide.run(
-                "research-pipeline", pipeline, run_id=run_id, input={"topic": "durable agents"}
-            )
-            break
-        except RunLocked:
-            await asyncio.sleep(0.5)
+    result = await tide.run(
+        "research-pipeline", pipeline, run_id=run_id, input={"topic": "durable agents"}
+    )
     print(f"  {result}")
 
 

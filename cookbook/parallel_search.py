@@ -24,7 +24,7 @@ from _offline import ModelCall, call_tool, last_user_text, model, reply, tool_ou
 from agents import Agent, Runner, function_tool
 from pydantic import BaseModel
 
-from tidebase_agents import RunLocked, checkpointed_pipeline, durable_tool
+from tidebase_agents import checkpointed_pipeline, durable_tool
 
 CALLS = {"planner": 0, "searcher": 0, "writer": 0}
 
@@ -83,7 +83,7 @@ async def search(query: str) -> str:
     return str(result.final_output)
 
 
-@checkpointed_pipeline("parallel-search", lease_seconds=2)
+@checkpointed_pipeline("parallel-search")
 async def report(topic: str) -> str:
     plan = await Runner.run(planner, topic)
     summaries = await asyncio.gather(*(search(q) for q in plan.final_output.queries))
@@ -95,12 +95,7 @@ async def report(topic: str) -> str:
 
 
 async def attempt(run_id: str) -> None:
-    while True:
-        try:
-            text = await report.with_run_id(run_id)("durable execution")
-            break
-        except RunLocked:
-            await asyncio.sleep(0.5)
+    text = await report.with_run_id(run_id)("durable execution")
     print(f"  model calls in this process: {CALLS}")
     print("  " + text.replace("\n", "\n  "))
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _offline import ModelCall, call_tool, last_user_text, model, reply, tool_outputs
 from agents import Agent, Runner, function_tool
 
-from tidebase_agents import RunLocked, checkpointed_pipeline, durable_tool
+from tidebase_agents import checkpointed_pipeline, durable_tool
 
 MODEL_CALLS = {"researcher": 0, "writer": 0}
 
@@ -61,7 +61,7 @@ writer = Agent(
 )
 
 
-@checkpointed_pipeline("research-pipeline", lease_seconds=3)
+@checkpointed_pipeline("research-pipeline")
 async def research(topic: str) -> str:
     findings = await Runner.run(researcher, f"Research: {topic}")
     if os.environ.get("CRASH_AFTER") == "research":
@@ -72,14 +72,8 @@ async def research(topic: str) -> str:
 
 
 async def attempt(run_id: str) -> None:
-    while True:
-        try:
-            post = await research.with_run_id(run_id)("durable agents")
-            break
-        except RunLocked:
-            # The crashed process still holds the lease until it expires.
-            print("  ... run is locked by the dead process; waiting for its lease to expire")
-            await asyncio.sleep(1)
+    # The crashed process is gone, so its lease is taken over at once (no waiting it out).
+    post = await research.with_run_id(run_id)("durable agents")
     print(f"  model calls in this process: {MODEL_CALLS}")
     run = await research.tide.get_run(run_id)
     for step in await research.tide.steps(run_id):

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _offline import ModelCall, call_tool, model, reply, tool_outputs
 from agents import Agent, Runner, function_tool
 
-from tidebase_agents import RunLocked, checkpointed_pipeline, durable_tool, idempotency_key
+from tidebase_agents import checkpointed_pipeline, durable_tool, idempotency_key
 
 API_FILE = Path(os.environ.get("TICKET_API_FILE", "tickets.json"))
 
@@ -64,19 +64,14 @@ triage = Agent(
 )
 
 
-@checkpointed_pipeline("incident-triage", lease_seconds=2)
+@checkpointed_pipeline("incident-triage")
 async def handle_incident(report: str) -> str:
     result = await Runner.run(triage, report)
     return str(result.final_output)
 
 
 async def attempt(run_id: str) -> None:
-    while True:
-        try:
-            print(f"  {await handle_incident.with_run_id(run_id)('checkout returns 500')}")
-            return
-        except RunLocked:
-            await asyncio.sleep(0.5)
+    print(f"  {await handle_incident.with_run_id(run_id)('checkout returns 500')}")
 
 
 def main() -> None:

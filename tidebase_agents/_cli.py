@@ -943,6 +943,10 @@ def worker(
     reconcile_interval: Annotated[
         float | None, typer.Option(help="Seconds between reconciler passes (default lease/2).")
     ] = None,
+    recover_interval: Annotated[
+        float | None,
+        typer.Option(help="Seconds between looks for runs whose executor died (default 1)."),
+    ] = None,
     grace: Annotated[
         float | None,
         typer.Option(help="On SIGTERM, seconds to let running pipelines finish (default 30)."),
@@ -982,6 +986,7 @@ def worker(
         "lease_seconds": lease_seconds,
         "poll_interval": poll_interval,
         "reconcile_interval": reconcile_interval,
+        "recover_interval": recover_interval,
         "grace_seconds": grace,
         "retry_backoff": retry_backoff,
         "max_backoff": max_backoff,

@@ -55,6 +55,7 @@ class CheckpointedPipeline(Generic[P, R]):
         database_url: str | None = None,
         lease_seconds: float | None = None,
         context_codec: ContextCodec | None = None,
+        recover: bool = True,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@checkpointed_pipeline needs an async function, got {fn!r}")
@@ -77,6 +78,8 @@ class CheckpointedPipeline(Generic[P, R]):
         self.fn = fn
         _codec.register_annotations(fn)
         self.name = name
+        #: Whether workers serving this pipeline finish its direct-call runs whose process died.
+        self.recover = recover
         self.options = PipelineOptions(context_codec=context_codec)
         if tide is None:
             tide = Tidebase(database_url, lease_seconds=lease_seconds)
@@ -232,6 +235,7 @@ def checkpointed_pipeline(
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
+    recover: bool = True,
 ) -> Callable[[Callable[P, Awaitable[R]]], CheckpointedPipeline[P, R]]: ...
 
 
@@ -243,6 +247,7 @@ def checkpointed_pipeline(
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
+    recover: bool = True,
 ) -> Any:
     """Make an async pipeline function durable.
 
@@ -253,6 +258,10 @@ def checkpointed_pipeline(
     as each agent run left it (pydantic models, dataclasses and dicts of JSON values on their
     own); ``context_codec`` (``dump(context) -> JSON`` and ``restore(context, data)``, in place)
     checkpoints any other context.
+
+    A run whose executor died (its process killed, its machine gone) is finished by a worker
+    serving the pipeline, enqueued or started by a direct call, as soon as the death is
+    detectable (P4); ``recover=False`` leaves direct-call runs to their caller to re-invoke.
     """
     if callable(name):
         fn = name
@@ -266,6 +275,7 @@ def checkpointed_pipeline(
             database_url=database_url,
             lease_seconds=lease_seconds,
             context_codec=context_codec,
+            recover=recover,
         )
 
     return decorate

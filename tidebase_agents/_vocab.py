@@ -77,6 +77,17 @@ class FailureClass(Vocab):
     DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
+class HolderDeath(Vocab):
+    """How a running run's holder was found dead before its lease expired (P3)."""
+
+    #: Its process no longer exists on this machine.
+    PROCESS = "process"
+    #: Its PostgreSQL session is gone (the advisory lock it held was released).
+    SESSION = "session"
+    #: Its lease expired (nothing provable; the holder may still run and will be fenced).
+    LEASE_EXPIRED = "lease_expired"
+
+
 class EventKind(Vocab):
     """Kinds of entries in a run's event log (R11)."""
 

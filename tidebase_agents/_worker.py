@@ -5,8 +5,10 @@ A worker claims due runs of the pipelines registered in its process, executes ea
 ``CheckpointedPipeline.run_claimed`` (whose runtime heartbeats the claim's lease), and settles
 what the execution left behind: a retryable run is requeued with exponential backoff or failed
 at ``max_attempts``; a run parked in ``manual_review``, cancelled, completed or taken over is
-left alone. Every worker also runs the reconciler loop; an advisory lock elects the one that
-acts in each pass. On PostgreSQL the worker wakes on ``LISTEN tidebase_runs`` and polls as a
+left alone. Every worker also adopts, every ``recover_interval``, the running runs of its
+pipelines whose holder provably died (its process gone on this machine, its PostgreSQL session
+gone) or whose lease expired, direct-call runs included (P4), and runs the reconciler loop; an
+advisory lock elects the one reconciler that acts in each pass. On PostgreSQL the worker wakes on ``LISTEN tidebase_runs`` and polls as a
 fallback; on SQLite it polls.
 """
 
@@ -97,13 +99,21 @@ class WorkerOptions:
     max_backoff: float = 300.0
     #: Wake on PostgreSQL NOTIFY (else poll only).
     listen: bool = True
+    #: How often to look for runs of the served pipelines whose holder died (seconds).
+    recover_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
-        if self.poll_interval <= 0 or self.grace_seconds < 0 or (self.lease_seconds or 1) <= 0:
+        if (
+            self.poll_interval <= 0
+            or self.recover_interval <= 0
+            or self.grace_seconds < 0
+            or (self.lease_seconds or 1) <= 0
+        ):
             raise ConfigurationError(
-                "poll_interval and lease_seconds must be positive, grace_seconds not negative"
+                "poll_interval, recover_interval and lease_seconds must be positive, "
+                "grace_seconds not negative"
             )
         if not self.queues:
             raise ConfigurationError("a worker needs at least one queue")
@@ -113,7 +123,8 @@ class WorkerOptions:
         """Options from ``TIDEBASE_WORKER_QUEUES`` (comma-separated),
         ``TIDEBASE_WORKER_CONCURRENCY``, ``..._PIPELINES``, ``..._LEASE_SECONDS``,
         ``..._POLL_INTERVAL``, ``..._RECONCILE_INTERVAL``, ``..._GRACE_SECONDS``,
-        ``..._RETRY_BACKOFF``, ``..._MAX_BACKOFF`` and ``..._LISTEN`` (1/0, true/false);
+        ``..._RETRY_BACKOFF``, ``..._MAX_BACKOFF``, ``..._LISTEN`` (1/0, true/false) and
+        ``..._RECOVER_INTERVAL``;
         ``options`` given here win over the environment, which wins over the defaults."""
         unknown = set(options) - set(ENV_KINDS)
         if unknown:
@@ -138,6 +149,7 @@ ENV_KINDS = {
     "retry_backoff": "float",
     "max_backoff": "float",
     "listen": "bool",
+    "recover_interval": "float",
 }
 
 
@@ -223,6 +235,7 @@ class Worker:
         served = self.served_pipelines()
         lease = self.lease_seconds or max(p.tide.lease_seconds for p in served.values())
         reconciler = asyncio.create_task(self._reconcile_loop(store, lease))
+        recoverer = asyncio.create_task(self._recover_loop(store, served, lease))
         listener = asyncio.create_task(self._listen(store)) if self.options.listen else None
         log.info(
             "worker %s: pipelines %s, queues %s, concurrency %d",
@@ -249,7 +262,7 @@ class Worker:
                 listener.cancel()  # its connection is terminated in its finally
             # The reconciler ends after its current pass: cancelling a pass midway could
             # strand its pooled connection in a half-closed state.
-            await asyncio.wait([t for t in (reconciler, listener) if t is not None])
+            await asyncio.wait([t for t in (reconciler, recoverer, listener) if t is not None])
             log.info("worker %s stopped", self.owner)
 
     async def _fill(
@@ -274,10 +287,7 @@ class Worker:
         except Exception as exc:
             log.warning("claiming failed (%s); retrying in %.1fs", exc, self.poll_interval)
             return self.poll_interval
-        for c in claims:
-            task = asyncio.create_task(self._execute(store, c, served[c.pipeline]))
-            self._tasks[task] = c
-            task.add_done_callback(self._finished)
+        self._start(store, claims, served)
         if len(claims) == free:
             return None
         if due is None:
@@ -285,6 +295,43 @@ class Worker:
         # Wake when the next delayed or backed-off run is due; never spin on a run that
         # another claimer holds locked.
         return min(self.poll_interval, max((due - utcnow()).total_seconds(), 0.1))
+
+    def _start(
+        self,
+        store: Store,
+        claims: Sequence[Claim],
+        served: dict[str, CheckpointedPipeline[Any, Any]],
+    ) -> None:
+        for c in claims:
+            task = asyncio.create_task(self._execute(store, c, served[c.pipeline]))
+            self._tasks[task] = c
+            task.add_done_callback(self._finished)
+
+    async def _recover_loop(
+        self, store: Store, served: dict[str, CheckpointedPipeline[Any, Any]], lease: float
+    ) -> None:
+        """Adopt runs of the served pipelines whose holder died, as free slots allow (P4)."""
+        direct = [name for name, p in served.items() if p.recover]
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._tasks)
+            if free > 0:
+                try:
+                    claims = await store.adopt(
+                        owner=self.owner,
+                        lease_seconds=lease,
+                        pipelines=list(served),
+                        queues=self.queues,
+                        direct=direct,
+                        limit=free,
+                    )
+                except Exception as exc:
+                    log.warning("looking for runs whose holder died failed: %s", exc)
+                else:
+                    if claims and not self._stopping.is_set():
+                        log.info("adopted runs whose holder died: %s", [c.run_id for c in claims])
+                        self._start(store, claims, served)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.options.recover_interval)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)

@@ -56,10 +56,10 @@ from .._vocab import (
     StepStatus,
 )
 from . import migrate as _migrate
-from .queue import QueueOps
 from .records import (
     USAGE_FIELDS,
     Acquired,
+    DeadHolder,
     Event,
     EventRecord,
     Lease,
@@ -74,6 +74,7 @@ from .records import (
     step_from_mapping,
     utcnow,
 )
+from .recovery import RecoveryOps
 from .rows import (
     RUN_COLUMNS,
     STEP_COLUMNS,
@@ -107,7 +108,7 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
 
-class Store(QueueOps, abc.ABC):
+class Store(RecoveryOps, abc.ABC):
     """One database: every read and write the library makes. Obtain one with ``open_store``."""
 
     #: The SQLAlchemy backend name this class serves.
@@ -262,7 +263,9 @@ class Store(QueueOps, abc.ABC):
         is for a worker that already claimed the run (``running`` under that token and owner):
         the claim becomes the execution's lease.
 
-        Raises ``RunLocked`` while another executor's lease is live, ``RunFailed`` /
+        A run whose holder is provably dead (:meth:`dead_holder`) is taken over at once, its
+        lease live or not (P3). Raises ``RunLocked`` while another, live executor's lease is
+        live, ``RunFailed`` /
         ``RunCancelled`` for runs that ended so, ``RunConflict`` if the id belongs to another
         pipeline or was recorded with other arguments. Loads every checkpoint in one query (R8).
         """
@@ -281,7 +284,16 @@ class Store(QueueOps, abc.ABC):
                 if not create:
                     raise RunNotFound(new.run_id)
                 continue  # deleted meanwhile, or we raced a creation: decide again
-            acquired = self._explain(run, new, claim_token)
+            try:
+                acquired = self._explain(run, new, claim_token)
+            except RunLocked:
+                how = None if claim_token is not None else await self.dead_holder(run)
+                if how is None:
+                    raise
+                taken = await self._take_over(new, DeadHolder(run.lease_token, how))
+                if taken is not None:
+                    return await self._with_steps(taken, new.owner)
+                continue  # the run changed meanwhile: decide again
             if acquired is not None:
                 return (
                     acquired if acquired.lease is None else await self._with_steps(run, new.owner)
@@ -327,9 +339,9 @@ class Store(QueueOps, abc.ABC):
         """Insert the run under a first lease; None if the id exists."""
 
     @abc.abstractmethod
-    async def _take_over(self, new: NewRun) -> RunRecord | None:
-        """Take the lease of a run that may be (re)started (``sql.TAKEOVER_RULE``); None if
-        it may not, for :meth:`_explain` to say why."""
+    async def _take_over(self, new: NewRun, dead: DeadHolder | None = None) -> RunRecord | None:
+        """Take the lease of a run that may be (re)started (``sql.takeover_rule``), or whose
+        holder ``dead`` was found dead; None if it may not, for :meth:`_explain` to say why."""
 
     # -- fenced writes ---------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+import logging
+import secrets
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, ClassVar
 
 import asyncpg
@@ -34,7 +36,9 @@ from .._vocab import TERMINAL_RUN_STATUSES, EventKind, RunStatus
 from . import migrate as _migrate
 from . import sql
 from .base import Listener, Store
+from .holders import this_process
 from .records import (
+    DeadHolder,
     Event,
     Lease,
     NewRun,
@@ -52,6 +56,11 @@ from .tables import SCHEMA_REVISION
 #: (fenced writes wait no longer than the executor's lease has left).
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
+#: Seconds to wait for the session connection: without it leases still hold, only a death is
+#: noticed later.
+SESSION_CONNECT_TIMEOUT = 5.0
+
+log = logging.getLogger("tidebase_agents")
 
 
 def notify_channel(schema: str) -> str:
@@ -176,6 +185,57 @@ class WriterPool:
             await conn.close()
 
 
+class SessionLock:
+    """A connection the store keeps while it holds runs, holding a session-level advisory
+    lock on a random key of its own; each lease the store takes records the key.
+
+    The server releases the lock the moment the connection drops (the process died, or its
+    machine's connection was reset), so a taker that finds the key free knows the holder's
+    session is gone (P3). One connection per store, not per run: a process holding a thousand
+    runs costs one connection. A connection the server closed is replaced at the next lease or
+    heartbeat, under the same key; runs taken over meanwhile are fenced as usual (R6).
+    """
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self.key = secrets.randbits(63)
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def ensure(self) -> int | None:
+        """The key, once the lock is held on a live connection; None if it cannot be now."""
+        if self._conn is not None and not self._conn.is_closed():
+            return self.key
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return self.key
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            conn = None
+            try:
+                conn = await connect_in(self._dsn, self._schema, SESSION_CONNECT_TIMEOUT)
+                held = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1)", self.key, timeout=SESSION_CONNECT_TIMEOUT
+                )
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                held = False
+            if not held:
+                # Unreachable, or the server has not yet noticed the old connection dropped.
+                if conn is not None:
+                    conn.terminate()
+                log.warning("no session lock for dead-holder detection; leases still hold")
+                return None
+            self._conn = conn
+            return self.key
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+
 class PostgresStore(Store):
     backend: ClassVar[str] = "postgresql"
     schema: str
@@ -183,6 +243,7 @@ class PostgresStore(Store):
     def __init__(self, url: str, schema: str | None = None) -> None:
         super().__init__(url, schema or DEFAULT_SCHEMA)
         self._writers = WriterPool(driver_dsn(url), self.schema)
+        self._session = SessionLock(driver_dsn(url), self.schema)
         self.channel = notify_channel(self.schema)
 
     def _make_engine(self) -> AsyncEngine:
@@ -208,6 +269,7 @@ class PostgresStore(Store):
             )
 
     async def _close_backend(self) -> None:
+        self._session.close()
         await self._writers.close()
 
     @contextlib.contextmanager
@@ -254,9 +316,31 @@ class PostgresStore(Store):
             state = await self._fetch(sql.LEASE_STATE, lease.run_id, timeout=timeout)
             raise fence_error(lease, None if state is None else state["status"])
 
+    # -- holders -------------------------------------------------------------------------
+
+    async def _session_key(self) -> int | None:
+        with self.in_use():
+            return await self._session.ensure()
+
+    async def _sessions_gone(self, keys: Collection[int], *, wait: float = 0.0) -> set[int]:
+        # This store's own key is taken by its own session: trying it would always succeed.
+        left = set(keys) - {self._session.key}
+        gone: set[int] = set()
+        deadline = asyncio.get_running_loop().time() + wait
+        while left:
+            row = await self._fetch(sql.SESSIONS_GONE, sorted(left))
+            found = set(row["gone"]) if row is not None else set()
+            gone |= found
+            left -= found
+            if not left or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        return gone
+
     # -- acquisition -----------------------------------------------------------------------
 
     async def _create_run(self, new: NewRun) -> RunRecord | None:
+        session = await self._session_key()
         now = utcnow()
         row = await self._fetch(
             sql.CREATE_RUN,
@@ -268,10 +352,13 @@ class PostgresStore(Store):
             now + dt.timedelta(seconds=new.lease_seconds),
             now,
             jsonb({"owner": new.owner, "pipeline": new.pipeline}),
+            this_process(),
+            session,
         )
         return None if row is None else run_from_mapping(row)
 
-    async def _take_over(self, new: NewRun) -> RunRecord | None:
+    async def _take_over(self, new: NewRun, dead: DeadHolder | None = None) -> RunRecord | None:
+        session = await self._session_key()
         now = utcnow()
         row = await self._fetch(
             sql.TAKE_OVER,
@@ -282,6 +369,10 @@ class PostgresStore(Store):
             now,
             jsonb(new.input),
             new.input_hash,
+            None if dead is None else dead.token,
+            this_process(),
+            session,
+            None if dead is None else str(dead.how),
         )
         return None if row is None else run_from_mapping(row)
 
@@ -378,6 +469,9 @@ class PostgresStore(Store):
             utcnow() + dt.timedelta(seconds=lease_seconds),
             timeout=timeout,
         )
+        # A session connection the server closed is replaced, so the holder's death stays
+        # detectable (runs taken over while it was down are fenced all the same).
+        await self._session_key()
 
     # -- queue hooks -----------------------------------------------------------------------
 

@@ -70,6 +70,10 @@ class QueueOps(abc.ABC):
     async def _notify(self, conn: AsyncConnection, queue: str) -> None:  # noqa: B027 (optional hook)
         """Wake workers of ``queue`` when the transaction commits (where the backend can)."""
 
+    @abc.abstractmethod
+    async def holder(self) -> tuple[str | None, int | None]:
+        """What a new lease records of its holder (see ``RecoveryOps.holder``)."""
+
     async def _elect_reconciler(self, conn: AsyncConnection) -> bool:
         """Whether this transaction is the one reconciler that acts now."""
         return True  # one writer at a time: every pass is alone
@@ -176,6 +180,7 @@ class QueueOps(abc.ABC):
         """
         if limit < 1 or not queues or not pipelines:
             return []
+        process, session = await self.holder()
         now = utcnow()
         async with self.transaction() as conn:
             ids = (
@@ -205,6 +210,8 @@ class QueueOps(abc.ABC):
                         lease_owner=owner,
                         lease_token=RunRow.lease_token + 1,
                         lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                        lease_process=process,
+                        lease_session=session,
                         attempts=RunRow.attempts + 1,
                         event_seq=RunRow.event_seq + 1,
                         updated_at=now,

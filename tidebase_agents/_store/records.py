@@ -6,7 +6,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from .._vocab import EventKind, ReplayPolicy, RunStatus, StepStatus
+from .._vocab import EventKind, HolderDeath, ReplayPolicy, RunStatus, StepStatus
 
 
 def utcnow() -> dt.datetime:
@@ -39,6 +39,18 @@ class RunRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    #: The holder's process identity (:mod:`.holders`) and, on PostgreSQL, the key of the
+    #: advisory lock its database session holds: how a dead holder is told from a live one.
+    lease_process: str | None = None
+    lease_session: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadHolder:
+    """A running run's holder found dead: its lease token, and how it was found dead."""
+
+    token: int
+    how: HolderDeath
 
 
 @dataclasses.dataclass(frozen=True, order=True)

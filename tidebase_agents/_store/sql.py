@@ -20,12 +20,14 @@ STATE = StateRow.__tablename__
 USAGE = UsageRow.__tablename__
 
 
-def takeover_rule(now: str) -> str:
+def takeover_rule(now: str, dead_token: str) -> str:
     """The one rule for who may take a run over: it is restartable (queued, retryable,
-    parked), or running under a lease that expired by ``now`` (a placeholder)."""
+    parked), or running under a lease that expired by ``now``, or under the token
+    ``dead_token`` of a holder found dead (placeholders; a NULL token matches nothing)."""
     return (
         f"(status IN {sql_list(RESTARTABLE_RUN_STATUSES)} OR (status = '{RunStatus.RUNNING}' "
-        f"AND (lease_expires_at IS NULL OR lease_expires_at <= {now})))"
+        f"AND (lease_expires_at IS NULL OR lease_expires_at <= {now} "
+        f"OR lease_token = {dead_token})))"
     )
 
 
@@ -155,12 +157,14 @@ EXTEND_LEASE = f"WITH {_fence(', lease_expires_at = $5')} SELECT event_seq FROM 
 #: Read the fence's inputs: is the run still running under this token?
 LEASE_STATE = f"SELECT status, lease_token FROM {RUNS} WHERE run_id = $1"
 
-#: Create a run ($1, pipeline $2) under its first lease (owner $5, expiry $6, now $7) with its
-#: arguments ($3, hash $4) and its first event ($8); nothing if the id exists.
+#: Create a run ($1, pipeline $2) under its first lease (owner $5, expiry $6, now $7, holder
+#: process $9 and session $10) with its arguments ($3, hash $4) and its first event ($8);
+#: nothing if the id exists.
 CREATE_RUN = (
     f"WITH ins AS (INSERT INTO {RUNS} (run_id, pipeline, status, input, input_hash, attempts, "
-    f"lease_owner, lease_token, lease_expires_at, event_seq, created_at, updated_at) "
-    f"VALUES ($1, $2, '{RunStatus.RUNNING}', $3::jsonb, $4, 1, $5, 1, $6, 1, $7, $7) "
+    f"lease_owner, lease_token, lease_expires_at, lease_process, lease_session, event_seq, "
+    f"created_at, updated_at) "
+    f"VALUES ($1, $2, '{RunStatus.RUNNING}', $3::jsonb, $4, 1, $5, 1, $6, $9, $10, 1, $7, $7) "
     f"ON CONFLICT (run_id) DO NOTHING RETURNING *), "
     f"ev AS (INSERT INTO {EVENTS} (run_id, seq, kind, data, created_at) "
     f"SELECT run_id, 1, '{EventKind.RUN_STARTED}', $8::jsonb, $7 FROM ins) "
@@ -168,31 +172,42 @@ CREATE_RUN = (
 )
 
 #: Take the lease of run $1 of pipeline $2 for owner $3 until $4 (now $5; arguments $6, hash
-#: $7) if the takeover rule allows it, logging a resume or a takeover; no row otherwise.
+#: $7; holder process $9 and session $10) if the takeover rule allows it (its holder under
+#: token $8 was found dead, how: $11), logging a resume or a takeover; no row otherwise.
 TAKE_OVER = (
     f"WITH o AS (SELECT status AS old_status, lease_owner AS old_owner FROM {RUNS} "
     f"WHERE run_id = $1), "
     f"upd AS (UPDATE {RUNS} r SET status = '{RunStatus.RUNNING}', lease_owner = $3, "
-    f"lease_token = r.lease_token + 1, lease_expires_at = $4, attempts = r.attempts + 1, "
+    f"lease_token = r.lease_token + 1, lease_expires_at = $4, lease_process = $9, "
+    f"lease_session = $10, attempts = r.attempts + 1, "
     f"event_seq = r.event_seq + 1, updated_at = $5, input = COALESCE(r.input, $6::jsonb), "
     f"input_hash = COALESCE(r.input_hash, $7) FROM o "
     f"WHERE r.run_id = $1 AND r.pipeline = $2 AND {same_input('$7::text')} "
-    f"AND {takeover_rule('$5')} "
+    f"AND {takeover_rule('$5', '$8::bigint')} "
     f"RETURNING r.*, o.old_status, o.old_owner), "
     f"ev AS (INSERT INTO {EVENTS} (run_id, seq, kind, data, created_at) "
     f"SELECT run_id, event_seq, CASE WHEN old_status = '{RunStatus.RUNNING}' "
     f"THEN '{EventKind.LEASE_TAKEN_OVER}' ELSE '{EventKind.RUN_RESUMED}' END, "
     f"jsonb_build_object('owner', $3::text, 'from_status', old_status, "
-    f"'previous_owner', old_owner, 'token', lease_token), $5 FROM upd) "
+    f"'previous_owner', old_owner, 'token', lease_token, 'holder_dead', $11::text), $5 "
+    f"FROM upd) "
     f"SELECT * FROM upd"
+)
+
+#: Which of the advisory lock keys $1 (a bigint array) no session holds: each is taken and
+#: given back at once on this connection (OFFSET 0 keeps the two calls in that order).
+SESSIONS_GONE = (
+    "SELECT coalesce(array_agg(k), '{}') AS gone FROM (SELECT k FROM unnest($1::bigint[]) "
+    "AS k WHERE pg_try_advisory_lock(k) OFFSET 0) AS f WHERE pg_advisory_unlock(k)"
 )
 
 #: Take the lease of run :run_id (SQLite; the caller logs the event in the same transaction).
 SQLITE_TAKE_OVER = (
     f"UPDATE {RUNS} SET status = '{RunStatus.RUNNING}', lease_owner = :owner, "
-    f"lease_token = lease_token + 1, lease_expires_at = :expires, attempts = attempts + 1, "
+    f"lease_token = lease_token + 1, lease_expires_at = :expires, lease_process = :process, "
+    f"lease_session = NULL, attempts = attempts + 1, "
     f"event_seq = event_seq + 1, updated_at = :now, input = COALESCE(input, :input), "
     f"input_hash = COALESCE(input_hash, :input_hash) "
     f"WHERE run_id = :run_id AND pipeline = :pipeline AND {same_input(':input_hash')} "
-    f"AND {takeover_rule(':now')} RETURNING *"
+    f"AND {takeover_rule(':now', ':dead_token')} RETURNING *"
 )

@@ -32,7 +32,9 @@ from .._errors import TidebaseError
 from .._vocab import TERMINAL_RUN_STATUSES, EventKind, RunStatus
 from . import sql
 from .base import Store
+from .holders import this_process
 from .records import (
+    DeadHolder,
     Event,
     Lease,
     NewRun,
@@ -135,6 +137,7 @@ class SQLiteStore(Store):
             lease_owner=new.owner,
             lease_token=1,
             lease_expires_at=now + dt.timedelta(seconds=new.lease_seconds),
+            lease_process=this_process(),
             event_seq=1,
             created_at=now,
             updated_at=now,
@@ -159,7 +162,7 @@ class SQLiteStore(Store):
             )
         return run_from_mapping(row._mapping)
 
-    async def _take_over(self, new: NewRun) -> RunRecord | None:
+    async def _take_over(self, new: NewRun, dead: DeadHolder | None = None) -> RunRecord | None:
         now = utcnow()
         async with self.transaction() as conn:
             old = (
@@ -180,6 +183,8 @@ class SQLiteStore(Store):
                         now=now,
                         input=new.input,
                         input_hash=new.input_hash,
+                        process=this_process(),
+                        dead_token=None if dead is None else dead.token,
                     ),
                 )
             ).first()
@@ -196,6 +201,7 @@ class SQLiteStore(Store):
                 "from_status": old.status,
                 "previous_owner": old.lease_owner,
                 "token": run.lease_token,
+                "holder_dead": None if dead is None else str(dead.how),
             }
             await append_event(conn, new.run_id, run.event_seq, Event(kind, data=data), at=now)
         return run

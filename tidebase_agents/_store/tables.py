@@ -33,7 +33,7 @@ from .._errors import CheckpointSerializationError
 from .._vocab import ACTIVE_RUN_STATUSES, ReplayPolicy, sql_list
 
 #: Alembic revision the models correspond to; a database at another revision is not migrated.
-SCHEMA_REVISION = "0007_inspector_indexes"
+SCHEMA_REVISION = "0008_recovery"
 VERSION_TABLE = "tidebase_alembic_version"
 
 _ACTIVE_DEDUPE = text(f"dedupe_key IS NOT NULL AND status IN {sql_list(ACTIVE_RUN_STATUSES)}")
@@ -124,6 +124,11 @@ class RunRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Last, as migration 0008 added them: SQLite's ``RETURNING *`` is read by position.
+    #: The holder's process (``host:pid:start``, see ``holders``) and the key of the advisory
+    #: lock its PostgreSQL session holds.
+    lease_process: Mapped[str | None] = mapped_column(String(255))
+    lease_session: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         Index("ix_tidebase_runs_status_pipeline", "status", "pipeline"),
