@@ -74,6 +74,7 @@ from .records import (
     step_from_mapping,
     utcnow,
 )
+from .rewind import RewindOps
 from .rows import (
     RUN_COLUMNS,
     STEP_COLUMNS,
@@ -107,7 +108,7 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
 
-class Store(QueueOps, abc.ABC):
+class Store(QueueOps, RewindOps, abc.ABC):
     """One database: every read and write the library makes. Obtain one with ``open_store``."""
 
     #: The SQLAlchemy backend name this class serves.
