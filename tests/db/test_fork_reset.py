@@ -310,3 +310,77 @@ async def test_a_queued_run_is_forked_onto_its_queue(tide: Tidebase) -> None:
     assert sorted(c.run_id for c in claims) == sorted([source, new])
     with pytest.raises(RunNotFound):
         await queued.fork("not-a-run")
+
+
+async def test_reset_of_an_agent_step_after_a_prompt_change_asks_its_model_again(
+    db_url: str,
+) -> None:
+    from agentkit_common import message, policy_model, tool_calls, tool_outputs, user_text
+    from agents import Agent, Runner, function_tool
+
+    class Abort(BaseException):
+        """Cuts an attempt short inside a tool, past the SDK's error handling (a crash)."""
+
+    abort = [True]
+
+    @function_tool
+    def look(topic: str) -> str:
+        """Look a topic up."""
+        if abort:
+            abort.clear()
+            raise Abort
+        return f"facts on {topic}"
+
+    researcher = Agent(
+        name="researcher", model=policy_model(lambda call: message(f"notes: {user_text(call)}"))
+    )
+
+    def write(call: Any) -> Any:
+        if not tool_outputs(call):
+            return tool_calls(("look", {"topic": "tides"}))
+        return message(f"post from {tool_outputs(call)[0]}")
+
+    writer_model = policy_model(write)
+    writer = Agent(name="writer", instructions="v1", model=writer_model, tools=[look])
+
+    @checkpointed_pipeline("reset-agents", database_url=db_url)
+    async def pipeline(topic: str) -> str:
+        notes = await Runner.run(researcher, topic)
+        return str((await Runner.run(writer, str(notes.final_output))).final_output)
+
+    with pytest.raises(Abort):
+        await pipeline("tides", run_id="ra")
+    tide = Tidebase(db_url)
+    # The writer's first turn (it called the tool) is journaled; its agent step is not done.
+    assert await names(tide, "ra") == ["agent:researcher#1", "agent:writer#1/model#1"]
+    writer.instructions = "v2"
+    with pytest.raises(StepInputMismatch) as mismatch:
+        await pipeline.resume("ra")
+    assert "steps reset ra agent:writer#1/model#1" in str(mismatch.value)
+
+    reset = await tide.reset_step("ra", "agent:writer#1/model#1")
+    assert reset.discarded == ["agent:writer#1/model#1"]
+    assert reset.usage_superseded == 1
+    assert await pipeline.resume("ra") == "post from facts on tides"
+    assert (len(researcher.model.calls), len(writer_model.calls)) == (1, 3)  # type: ignore[union-attr]
+    usage = await tide.usage_records("ra")
+    assert sorted((u.step, u.lost) for u in usage) == [
+        ("agent:researcher#1/model#1", False),
+        ("agent:writer#1/model#1", False),
+        ("agent:writer#1/model#1", True),
+        ("agent:writer#1/model#2", False),
+    ]
+
+    # Resetting the completed researcher step re-runs both agents; its usage is set aside.
+    reset = await tide.reset_step("ra", "agent:researcher#1")
+    assert reset.discarded == ["agent:researcher#1", "agent:writer#1"]
+    assert await pipeline.resume("ra") == "post from facts on tides"
+    assert (len(researcher.model.calls), len(writer_model.calls)) == (2, 5)  # type: ignore[union-attr]
+    lost = [u.step for u in await tide.usage_records("ra") if u.lost]
+    assert sorted(lost) == [
+        "agent:researcher#1/model#1",
+        "agent:writer#1/model#1",
+        "agent:writer#1/model#1",
+        "agent:writer#1/model#2",
+    ]
+    await tide.close()
