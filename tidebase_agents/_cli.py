@@ -394,6 +394,7 @@ def _timeline(
     run: RunRecord, steps: list[StepRecord], events: list[EventRecord]
 ) -> list[dict[str, Any]]:
     by_token, attempt_at = attempts(events)
+    copied_from = _lineage(events).get("from_run")
     by_step: dict[str, list[EventRecord]] = {}
     for e in events:
         if e.step:
@@ -429,6 +430,8 @@ def _timeline(
                 "attempts": s.attempts,
                 "duration_ms": s.duration_ms,
                 "executed_in_attempt": attempt,
+                # A fork's copies carry token 0: no execution of this run wrote them.
+                "copied_from": copied_from if s.lease_token == 0 else None,
                 "replayed": len(replayed_in),
                 "replayed_in": replayed_in,
                 "in_doubt": in_doubt,
@@ -471,6 +474,8 @@ def _origin(run: RunRecord, s: dict[str, Any]) -> str:
     attempt = s["executed_in_attempt"]
     if EventKind.STEP_REVIEW_OUTPUT in s["reviewed"]:
         said.append("output supplied by an operator")
+    elif s["copied_from"]:
+        said.append(f"copied from run {s['copied_from']} when it was forked")
     elif status == StepStatus.COMPLETED:
         said.append(f"executed in attempt {attempt}")
     if s["replayed_in"]:
@@ -558,7 +563,7 @@ def runs_show(
         )
         return
     width = output_width()
-    _echo(_run_lines(run, width))
+    _echo(_run_lines(run, width, _lineage(events)))
     typer.echo("")
     typer.echo(_plural(len(timeline), "step"))
     for i, s in enumerate(timeline, 1):
@@ -591,7 +596,15 @@ def runs_show(
     )
 
 
-def _run_lines(run: RunRecord, width: int) -> list[str]:
+def _lineage(events: list[EventRecord]) -> dict[str, Any]:
+    """Where a forked run came from (the data of its ``run_forked`` event), else empty."""
+    first = events[0] if events else None
+    if first is None or first.kind != EventKind.RUN_FORKED or not isinstance(first.data, dict):
+        return {}
+    return first.data
+
+
+def _run_lines(run: RunRecord, width: int, lineage: dict[str, Any]) -> list[str]:
     attempts = f"{run.attempts}" + (f" of at most {run.max_attempts}" if run.max_attempts else "")
     fields = [
         ("run", run.run_id),
@@ -602,6 +615,9 @@ def _run_lines(run: RunRecord, width: int) -> list[str]:
         ("created", f"{_when(run.created_at)} UTC"),
         ("finished", f"{_when(run.finished_at)} UTC" if run.finished_at else "-"),
     ]
+    if lineage:
+        at = f"at step {lineage['from_step']}" if lineage.get("from_step") else "whole"
+        fields.append(("forked", f"from {lineage.get('from_run')} {at}"))
     if run.lease_owner:
         until = f" until {_when(run.lease_expires_at)} UTC" if run.lease_expires_at else ""
         fields.append(("lease", f"{run.lease_owner}{until}"))

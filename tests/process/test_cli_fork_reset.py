@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -89,6 +90,10 @@ def test_runs_fork_and_steps_reset(db_url: str) -> None:
     assert copy["run"]["status"] == RunStatus.FAILED_RETRYABLE
     assert run("c1-f") == "t>a>b>c"
     assert calls == {"a": 1, "b": 2, "c": 2}
+    shown = " ".join(invoke("runs", "show", "c1-f").stdout.split())
+    assert "forked from c1 at step b" in shown
+    assert re.search(r"1\. a completed, 1 try, [^;]*; copied from run c1 when it was forked", shown)
+    assert re.search(r"2\. b completed, 1 try, [^;]*; executed in attempt 1", shown)
 
     reset = invoke("steps", "reset", "c1", "b")
     assert reset.exit_code == 0, reset.output
