@@ -16,7 +16,7 @@ import datetime as dt
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal, null, select, update
+from sqlalchemy import delete, func, insert, literal, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import RunCancelled, RunConflict, RunLocked, StepNotFound
@@ -27,6 +27,8 @@ from .tables import RunRow, StateRow, StepRow, UsageRow
 
 #: How many discarded step names an event lists (the count is always complete).
 EVENT_NAMES = 50
+#: Rows changed per statement (the drivers bound the number of parameters).
+BATCH = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +41,32 @@ class _Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Cut:
-    """Where a run is cut: ``step`` (None: nothing is discarded), the checkpoints kept and
-    discarded (ids, names in recording order) and ``since``, the cut's time."""
+    """Where a run is cut: at ``step`` (None: nothing is discarded). The discarded checkpoints
+    are those from id ``start`` on and the ones named in ``earlier`` (recorded before it: the
+    step's own nested steps, enclosing steps); ``discarded`` names them all in recording order,
+    ``kept`` counts the others. ``since`` is the cut's time."""
 
     step: str | None
-    kept: list[int]
+    start: int | None
+    earlier: list[str]
     discarded: list[str]
-    discarded_ids: list[int]
+    kept: int
     since: dt.datetime | None
+
+    def where_discarded(self, run_id: str) -> list[Any]:
+        """The discarded checkpoints of ``run_id``, as a filter on the steps table."""
+        return [StepRow.run_id == run_id, _or_in(StepRow.id >= self.start, self.earlier)]
+
+    def where_kept(self, run_id: str) -> list[Any]:
+        """The kept checkpoints of ``run_id``, as a filter on the steps table."""
+        if self.start is None:
+            return [StepRow.run_id == run_id]
+        kept = [StepRow.run_id == run_id, StepRow.id < self.start]
+        return [*kept, StepRow.name.not_in(self.earlier)] if self.earlier else kept
+
+
+def _or_in(clause: Any, names: list[str]) -> Any:
+    return or_(clause, StepRow.name.in_(names)) if names else clause
 
 
 def enclosing(name: str) -> Iterator[str]:
@@ -68,7 +88,7 @@ def plan_cut(run_id: str, checkpoints: Sequence[_Checkpoint], step: str | None) 
         outermost = (c for c in checkpoints if not any(a in names for a in enclosing(c.name)))
         first = next((c for c in outermost if c.status != StepStatus.COMPLETED), None)
         if first is None:
-            return Cut(None, [c.id for c in checkpoints], [], [], None)
+            return Cut(None, None, [], [], len(checkpoints), None)
         step = first.name
     subtree = [c for c in checkpoints if _inside(c.name, step)]
     if not subtree:
@@ -79,9 +99,10 @@ def plan_cut(run_id: str, checkpoints: Sequence[_Checkpoint], step: str | None) 
     discarded = [c for c in checkpoints if c.name in cut]
     return Cut(
         step,
-        [c.id for c in checkpoints if c.name not in cut],
+        start,
+        [c.name for c in discarded if c.id < start],
         [c.name for c in discarded],
-        [c.id for c in discarded],
+        len(checkpoints) - len(discarded),
         min(c.started_at for c in discarded),
     )
 
@@ -121,6 +142,23 @@ class RewindOps(abc.ABC):
         )
         return plan_cut(run_id, [_Checkpoint(*r) for r in rows], step)
 
+    async def _state_before(
+        self, conn: AsyncConnection, run_id: str, since: dt.datetime | None
+    ) -> int:
+        """How many state versions the cut keeps: those appended before ``since``, counted
+        from version 1 (replay counts ``state_set`` calls, so what is kept is a prefix)."""
+        rows = await conn.execute(
+            select(StateRow.version, StateRow.created_at)
+            .where(StateRow.run_id == run_id)
+            .order_by(StateRow.version)
+        )
+        kept = 0
+        for version, created_at in rows:
+            if since is not None and created_at >= since:
+                break
+            kept = version
+        return kept
+
     async def fork(self, run_id: str, new_run_id: str, step: str | None) -> Cut:
         """Create run ``new_run_id`` from ``run_id`` with the checkpoints recorded before
         ``step`` and the state versions appended before them; it waits to be executed
@@ -132,10 +170,7 @@ class RewindOps(abc.ABC):
             if lease_is_live(run, now):
                 raise RunLocked(run_id, run.lease_owner, expires_at=run.lease_expires_at)
             cut = await self._cut(conn, run_id, step)
-            copied_state = select(StateRow.version).where(StateRow.run_id == run_id)
-            if cut.since is not None:
-                copied_state = copied_state.where(StateRow.created_at < cut.since)
-            versions = list((await conn.execute(copied_state)).scalars())
+            versions = await self._state_before(conn, run_id, cut.since)
             inserted = (
                 await conn.execute(
                     self._insert()(RunRow)
@@ -148,7 +183,7 @@ class RewindOps(abc.ABC):
                         attempts=0,
                         lease_token=0,
                         event_seq=1,
-                        state_version=max(versions, default=0),
+                        state_version=versions,
                         queue=run.queue,
                         priority=run.priority,
                         scheduled_at=now if run.queue else None,
@@ -174,7 +209,7 @@ class RewindOps(abc.ABC):
                             literal(0),
                             *(getattr(StepRow, c) for c in columns),
                         )
-                        .where(StepRow.id.in_(cut.kept))
+                        .where(*cut.where_kept(run_id))
                         .order_by(StepRow.id),
                     )
                 )
@@ -187,10 +222,10 @@ class RewindOps(abc.ABC):
                             StateRow.version,
                             StateRow.value,
                             StateRow.created_at,
-                        ).where(StateRow.run_id == run_id, StateRow.version.in_(versions)),
+                        ).where(StateRow.run_id == run_id, StateRow.version <= versions),
                     )
                 )
-            lineage = {"from_step": cut.step, "steps_copied": len(cut.kept)}
+            lineage = {"from_step": cut.step, "steps_copied": cut.kept}
             await append_event(
                 conn,
                 new_run_id,
@@ -198,7 +233,7 @@ class RewindOps(abc.ABC):
                 Event(
                     EventKind.RUN_FORKED,
                     cut.step,
-                    {"from_run": run_id, **lineage, "state_versions_copied": len(versions)},
+                    {"from_run": run_id, **lineage, "state_versions_copied": versions},
                 ),
             )
             seq = await bump_event_seq(conn, run_id)
@@ -230,21 +265,15 @@ class RewindOps(abc.ABC):
                 raise RunLocked(run_id, run.lease_owner, expires_at=run.lease_expires_at)
             cut = await self._cut(conn, run_id, step)
             assert cut.since is not None
-            await conn.execute(delete(StepRow).where(StepRow.id.in_(cut.discarded_ids)))
+            await conn.execute(delete(StepRow).where(*cut.where_discarded(run_id)))
+            state_version = await self._state_before(conn, run_id, cut.since)
             dropped = (
                 await conn.execute(
                     delete(StateRow)
-                    .where(StateRow.run_id == run_id, StateRow.created_at >= cut.since)
+                    .where(StateRow.run_id == run_id, StateRow.version > state_version)
                     .returning(StateRow.version)
                 )
             ).all()
-            state_version = (
-                await conn.execute(
-                    select(func.coalesce(func.max(StateRow.version), 0)).where(
-                        StateRow.run_id == run_id
-                    )
-                )
-            ).scalar_one()
             recent = await conn.execute(
                 select(UsageRow.id, UsageRow.step).where(
                     UsageRow.run_id == run_id, UsageRow.created_at >= cut.since
@@ -276,11 +305,11 @@ class RewindOps(abc.ABC):
                 state_version=state_version,
                 updated_at=now,
             )
-            if superseded:
+            for i in range(0, len(superseded), BATCH):
                 # Set aside under a key of their own: the re-run records its usage afresh.
                 await conn.execute(
                     update(UsageRow)
-                    .where(UsageRow.id.in_(superseded))
+                    .where(UsageRow.id.in_(superseded[i : i + BATCH]))
                     .values(lost=True, dedupe_key=UsageRow.dedupe_key + f"~reset#{seq}")
                 )
             await append_event(
