@@ -138,3 +138,45 @@ async def test_both_are_refused_on_a_run_that_executes(db_url: str, tide: Tideba
     failed(reset, "run 'live' is being executed", "lease is live until")
     failed(fork, "run 'live' is being executed")
     assert [s.name for s in await tide.steps("live")] == ["first", "second"]
+
+
+def test_steps_reset_hands_a_queued_run_back_to_its_workers(db_url: str) -> None:
+    from tidebase_agents import checkpointed_pipeline, current_run
+    from tidebase_agents._store import get_store
+
+    async def finish_one() -> str:
+        tide = Tidebase(db_url)
+
+        @checkpointed_pipeline("cli-queued-reset", tide=tide)
+        async def queued(x: int) -> int:
+            return int(await current_run().step("double", lambda: x * 2))
+
+        try:
+            run_id = await queued.enqueue_with(queue="slow")(4)
+            (claim,) = await get_store(db_url).claim(
+                owner="w", lease_seconds=30, queues=["slow"], pipelines=["cli-queued-reset"]
+            )
+            assert await queued.run_claimed(run_id, owner="w", claim_token=claim.token) == 8
+            return run_id
+        finally:
+            await tide.close()
+
+    async def status(run_id: str) -> RunStatus:
+        tide = Tidebase(db_url)
+        try:
+            return (await tide.get_run(run_id)).status
+        finally:
+            await tide.close()
+
+    def reset(run_id: str, *extra: str) -> str:
+        result = CliRunner().invoke(
+            app, ["--database-url", db_url, "steps", "reset", run_id, "double", *extra]
+        )
+        assert result.exit_code == 0, result.output
+        return str(result.stdout)
+
+    kept, handed = asyncio.run(finish_one()), asyncio.run(finish_one())
+    assert "run: failed_retryable" in reset(kept, "--no-enqueue")
+    assert "run: queued" in reset(handed)
+    assert asyncio.run(status(kept)) == RunStatus.FAILED_RETRYABLE
+    assert asyncio.run(status(handed)) == RunStatus.QUEUED
