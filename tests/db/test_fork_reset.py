@@ -331,9 +331,8 @@ async def test_reset_of_an_agent_step_after_a_prompt_change_asks_its_model_again
             raise Abort
         return f"facts on {topic}"
 
-    researcher = Agent(
-        name="researcher", model=policy_model(lambda call: message(f"notes: {user_text(call)}"))
-    )
+    researcher_model = policy_model(lambda call: message(f"notes: {user_text(call)}"))
+    researcher = Agent(name="researcher", model=researcher_model)
 
     def write(call: Any) -> Any:
         if not tool_outputs(call):
@@ -362,7 +361,7 @@ async def test_reset_of_an_agent_step_after_a_prompt_change_asks_its_model_again
     assert reset.discarded == ["agent:writer#1/model#1"]
     assert reset.usage_superseded == 1
     assert await pipeline.resume("ra") == "post from facts on tides"
-    assert (len(researcher.model.calls), len(writer_model.calls)) == (1, 3)  # type: ignore[union-attr]
+    assert (len(researcher_model.calls), len(writer_model.calls)) == (1, 3)
     usage = await tide.usage_records("ra")
     assert sorted((u.step, u.lost) for u in usage) == [
         ("agent:researcher#1/model#1", False),
@@ -375,7 +374,7 @@ async def test_reset_of_an_agent_step_after_a_prompt_change_asks_its_model_again
     reset = await tide.reset_step("ra", "agent:researcher#1")
     assert reset.discarded == ["agent:researcher#1", "agent:writer#1"]
     assert await pipeline.resume("ra") == "post from facts on tides"
-    assert (len(researcher.model.calls), len(writer_model.calls)) == (2, 5)  # type: ignore[union-attr]
+    assert (len(researcher_model.calls), len(writer_model.calls)) == (2, 5)
     lost = [u.step for u in await tide.usage_records("ra") if u.lost]
     assert sorted(lost) == [
         "agent:researcher#1/model#1",
