@@ -383,3 +383,34 @@ async def test_reset_of_an_agent_step_after_a_prompt_change_asks_its_model_again
         "agent:writer#1/model#2",
     ]
     await tide.close()
+
+
+async def test_a_reset_racing_a_resume_never_leaves_a_half_reset_run(tide: Tidebase) -> None:
+    """Whichever comes first, the run ends consistent: completed with every step (the reset
+    came first, or was refused), or reset to its first step (it came after the resume)."""
+    outcomes: collections.Counter[str] = collections.Counter()
+    for trial in range(12):
+        script = Script()
+        script.stop_at = "c"
+        run_id = f"race-{trial}"
+        with pytest.raises(Interrupt):
+            await script.run(tide, run_id)
+        reset, resumed = await asyncio.gather(
+            tide.reset_step(run_id, "b"), script.run(tide, run_id), return_exceptions=True
+        )
+        assert not isinstance(resumed, BaseException), resumed
+        run = await tide.get_run(run_id)
+        if isinstance(reset, RunLocked):
+            outcome = "refused"
+        else:
+            assert not isinstance(reset, BaseException), reset
+            outcome = "before" if run.status == RunStatus.COMPLETED else "after"
+        outcomes[outcome] += 1
+        if outcome == "after":
+            assert run.status == RunStatus.FAILED_RETRYABLE
+            assert await names(tide, run_id) == ["a"]
+        else:
+            assert run.status == RunStatus.COMPLETED
+            assert await names(tide, run_id) == ["a", "b", "c"]
+            assert script.calls["b"] == (2 if outcome == "before" else 1)
+    print("outcomes:", dict(outcomes))
