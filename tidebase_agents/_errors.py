@@ -4,6 +4,7 @@ warning it gives about what will not survive a crash."""
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 from collections.abc import Sequence
 
 
@@ -40,12 +41,13 @@ class StepInputMismatch(TidebaseError):
         self.new_hash = new_hash
         self.changed = list(changed)
         what = f"; changed: {', '.join(self.changed)}" if self.changed else ""
+        run, at = shlex.quote(run_id), shlex.quote(step)
         super().__init__(
             f"step {step!r} of run {run_id!r} was recorded with input hash {recorded_hash[:16]} "
             f"but is now invoked with {new_hash[:16]}{what}. The checkpoint is stale: re-run the "
-            f"step and those after it with `tidebase-agents steps reset {run_id} {step}`, or "
-            f"keep this run and re-run from it in a new one with `tidebase-agents runs fork "
-            f"{run_id} --from {step}`."
+            f"step and those after it with `tidebase-agents steps reset {run} {at}`, or keep "
+            f"this run and re-run from the step in a new one with `tidebase-agents runs fork "
+            f"{run} --from {at}`."
         )
 
 

@@ -367,7 +367,8 @@ async def test_reset_of_an_agent_step_after_a_prompt_change_asks_its_model_again
     writer.instructions = "v2"
     with pytest.raises(StepInputMismatch) as mismatch:
         await pipeline.resume("ra")
-    assert "steps reset ra agent:writer#1/model#1" in str(mismatch.value)
+    # Quoted for the shell ('#' would start a comment after a space).
+    assert "steps reset ra 'agent:writer#1/model#1'`" in str(mismatch.value)
 
     reset = await tide.reset_step("ra", "agent:writer#1/model#1")
     assert reset.discarded == ["agent:writer#1/model#1"]
