@@ -22,11 +22,12 @@ from ._errors import (
     StepFailed,
     StepInputMismatch,
     StepNeedsReview,
+    StepNotFound,
     StepNotReviewable,
     TidebaseError,
 )
 from ._pipeline import CheckpointedPipeline, checkpointed_pipeline
-from ._store import EventRecord, RunRecord, StateVersion, StepRecord, UsageRecord
+from ._store import EventRecord, RunRecord, StateVersion, StepRecord, StepsReset, UsageRecord
 from ._tidebase import AsyncTidebase, Tidebase
 from ._vocab import ReplayPolicy, ReviewAction, RunStatus, StepStatus
 from ._worker import WorkerOptions, run_worker
@@ -92,9 +93,11 @@ __all__ = [
     "StepFailed",
     "StepInputMismatch",
     "StepNeedsReview",
+    "StepNotFound",
     "StepNotReviewable",
     "StepRecord",
     "StepStatus",
+    "StepsReset",
     "Tidebase",
     "TidebaseError",
     "UsageRecord",

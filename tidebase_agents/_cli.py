@@ -27,7 +27,7 @@ from ._config import ENV_SCHEMA, ENV_URL, missing_sqlite_file
 from ._errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated, TidebaseError
 from ._inspect import attempts, error_text, parse_since
 from ._pricing import load_prices, parse_group_by, record_cost
-from ._store import EventRecord, RunRecord, StepRecord, close_stores
+from ._store import EventRecord, RunRecord, StepRecord, StepsReset, close_stores
 from ._text import Column, columns, one_line, output_width, wrapped
 from ._tidebase import Tidebase
 from ._vocab import EVENT_OF_REVIEW, EventKind, ReviewAction, RunStatus, StepStatus
@@ -59,8 +59,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-runs_app = typer.Typer(help="List, show, resume and cancel runs.", no_args_is_help=True)
-steps_app = typer.Typer(help="Resolve steps parked in manual review.", no_args_is_help=True)
+runs_app = typer.Typer(help="List, show, resume, cancel and fork runs.", no_args_is_help=True)
+steps_app = typer.Typer(
+    help="Resolve steps parked in manual review; reset a run to a step.", no_args_is_help=True
+)
 app.add_typer(runs_app, name="runs")
 app.add_typer(steps_app, name="steps")
 
@@ -392,6 +394,7 @@ def _timeline(
     run: RunRecord, steps: list[StepRecord], events: list[EventRecord]
 ) -> list[dict[str, Any]]:
     by_token, attempt_at = attempts(events)
+    copied_from = _lineage(events).get("from_run")
     by_step: dict[str, list[EventRecord]] = {}
     for e in events:
         if e.step:
@@ -427,6 +430,8 @@ def _timeline(
                 "attempts": s.attempts,
                 "duration_ms": s.duration_ms,
                 "executed_in_attempt": attempt,
+                # A fork's copies carry token 0: no execution of this run wrote them.
+                "copied_from": copied_from if s.lease_token == 0 else None,
                 "replayed": len(replayed_in),
                 "replayed_in": replayed_in,
                 "in_doubt": in_doubt,
@@ -469,6 +474,8 @@ def _origin(run: RunRecord, s: dict[str, Any]) -> str:
     attempt = s["executed_in_attempt"]
     if EventKind.STEP_REVIEW_OUTPUT in s["reviewed"]:
         said.append("output supplied by an operator")
+    elif s["copied_from"]:
+        said.append(f"copied from run {s['copied_from']} when it was forked")
     elif status == StepStatus.COMPLETED:
         said.append(f"executed in attempt {attempt}")
     if s["replayed_in"]:
@@ -556,7 +563,7 @@ def runs_show(
         )
         return
     width = output_width()
-    _echo(_run_lines(run, width))
+    _echo(_run_lines(run, width, _lineage(events)))
     typer.echo("")
     typer.echo(_plural(len(timeline), "step"))
     for i, s in enumerate(timeline, 1):
@@ -589,7 +596,15 @@ def runs_show(
     )
 
 
-def _run_lines(run: RunRecord, width: int) -> list[str]:
+def _lineage(events: list[EventRecord]) -> dict[str, Any]:
+    """Where a forked run came from (the data of its ``run_forked`` event), else empty."""
+    first = events[0] if events else None
+    if first is None or first.kind != EventKind.RUN_FORKED or not isinstance(first.data, dict):
+        return {}
+    return first.data
+
+
+def _run_lines(run: RunRecord, width: int, lineage: dict[str, Any]) -> list[str]:
     attempts = f"{run.attempts}" + (f" of at most {run.max_attempts}" if run.max_attempts else "")
     fields = [
         ("run", run.run_id),
@@ -600,6 +615,9 @@ def _run_lines(run: RunRecord, width: int) -> list[str]:
         ("created", f"{_when(run.created_at)} UTC"),
         ("finished", f"{_when(run.finished_at)} UTC" if run.finished_at else "-"),
     ]
+    if lineage:
+        at = f"at step {lineage['from_step']}" if lineage.get("from_step") else "whole"
+        fields.append(("forked", f"from {lineage.get('from_run')} {at}"))
     if run.lease_owner:
         until = f" until {_when(run.lease_expires_at)} UTC" if run.lease_expires_at else ""
         fields.append(("lease", f"{run.lease_owner}{until}"))
@@ -722,6 +740,50 @@ def runs_cancel(
     )
 
 
+@runs_app.command("fork")
+def runs_fork(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run to fork.")],
+    from_step: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="STEP",
+            help="Re-run from this step (see `runs show`); default: the first step that did "
+            "not complete.",
+        ),
+    ] = None,
+    new_run_id: Annotated[
+        str | None, typer.Option("--run-id", help="The new run's id (default: generated).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Start a new run with RUN_ID's arguments and the checkpoints recorded before STEP; it
+    replays those and executes STEP and everything after it. RUN_ID is left as it is."""
+    tide = _tide(ctx, existing=True)
+
+    async def go() -> tuple[RunRecord, EventRecord]:
+        new = await tide.fork(run_id, from_step=from_step, new_run_id=new_run_id)
+        return await tide.get_run(new), (await tide.events(new))[0]
+
+    run, forked = _call(go)
+    data = forked.data if isinstance(forked.data, dict) else {}
+    if as_json:
+        _json({"run": _run_dict(run), "forked": data})
+        return
+    where = f"at step {forked.step}" if forked.step else "after its last step"
+    typer.echo(
+        f"run {run.run_id}: forked from {run_id} {where} "
+        f"({_plural(int(data.get('steps_copied', 0)), 'checkpoint')} copied); {run.status}"
+    )
+    typer.echo(
+        f"the workers of queue {run.queue} will execute it"
+        if run.status == RunStatus.QUEUED
+        else f"execute it: tidebase-agents runs resume {run.run_id} --app module:attr "
+        f"(or --enqueue)"
+    )
+
+
 # -- steps ---------------------------------------------------------------------------------
 
 
@@ -763,6 +825,41 @@ def steps_review(
 
     record, run_status = _call(go)
     typer.echo(f"step {step} of run {run_id}: {record.status}; run: {run_status}")
+
+
+@steps_app.command("reset")
+def steps_reset(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run.")],
+    step: Annotated[str, typer.Argument(help="The first step to run again (see `runs show`).")],
+    no_enqueue: Annotated[
+        bool,
+        typer.Option(
+            "--no-enqueue", help="Do not hand a queued run back to the workers afterwards."
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Discard STEP's checkpoint and every one recorded after it, so the run's next
+    invocation executes them again. Their usage stays in the ledger, marked lost."""
+    tide = _tide(ctx, existing=True)
+
+    async def go() -> tuple[StepsReset, RunStatus]:
+        reset = await tide.reset_step(run_id, step)
+        run = await tide.get_run(run_id)
+        if run.queue is not None and run.status == RunStatus.FAILED_RETRYABLE and not no_enqueue:
+            return reset, await tide.requeue(run_id)
+        return reset, run.status
+
+    reset, status = _call(go)
+    if as_json:
+        _json({**dataclasses.asdict(reset), "status": status})
+        return
+    typer.echo(
+        f"run {run_id}: {_plural(len(reset.discarded), 'checkpoint')} discarded from step "
+        f"{step} on, {_plural(reset.state_versions_discarded, 'state version')}, "
+        f"{_plural(reset.usage_superseded, 'usage record')} marked lost; run: {status}"
+    )
 
 
 # -- usage ---------------------------------------------------------------------------------

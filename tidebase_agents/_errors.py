@@ -4,6 +4,7 @@ warning it gives about what will not survive a crash."""
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 from collections.abc import Sequence
 
 
@@ -40,10 +41,13 @@ class StepInputMismatch(TidebaseError):
         self.new_hash = new_hash
         self.changed = list(changed)
         what = f"; changed: {', '.join(self.changed)}" if self.changed else ""
+        run, at = shlex.quote(run_id), shlex.quote(step)
         super().__init__(
             f"step {step!r} of run {run_id!r} was recorded with input hash {recorded_hash[:16]} "
-            f"but is now invoked with {new_hash[:16]}{what}. The checkpoint is stale: start a new "
-            f"run id, or reset the step through `tidebase-agents steps review`."
+            f"but is now invoked with {new_hash[:16]}{what}. The checkpoint is stale: re-run the "
+            f"step and those after it with `tidebase-agents steps reset {run} {at}`, or keep "
+            f"this run and re-run from the step in a new one with `tidebase-agents runs fork "
+            f"{run} --from {at}`."
         )
 
 
@@ -140,6 +144,18 @@ class StepNotReviewable(ConfigurationError):
         state = "does not exist" if status is None else f"is {status}"
         super().__init__(
             f"step {step!r} of run {run_id!r} {state}; only manual_review steps are reviewed"
+        )
+
+
+class StepNotFound(ConfigurationError):
+    """The run has no checkpoint of this name (to reset it or fork from it)."""
+
+    def __init__(self, run_id: str, step: str) -> None:
+        self.run_id = run_id
+        self.step = step
+        super().__init__(
+            f"run {run_id!r} has no recorded step {step!r}; `tidebase-agents runs show "
+            f"{run_id}` lists its steps"
         )
 
 

@@ -13,7 +13,7 @@ from ._engine import PipelineOptions, reset_pipeline_options, set_pipeline_optio
 from ._errors import ConfigurationError, RunNotFound
 from ._hashing import sha256_hex
 from ._ids import validate_run_id
-from ._store import DEFAULT_QUEUE
+from ._store import DEFAULT_QUEUE, RunRecord, StepsReset
 from ._tidebase import Tidebase, _sdk_installed
 
 if TYPE_CHECKING:
@@ -149,12 +149,30 @@ class CheckpointedPipeline(Generic[P, R]):
         functools.update_wrapper(call, self.fn)
         return call
 
-    async def resume(self, run_id: str) -> R:
-        """Re-invoke run ``run_id`` with the arguments it was recorded with."""
+    async def _own_run(self, run_id: str) -> RunRecord:
         run = await self.tide.get_run(run_id)
         if run.pipeline != self.name:
             raise RunNotFound(run_id)
+        return run
+
+    async def resume(self, run_id: str) -> R:
+        """Re-invoke run ``run_id`` with the arguments it was recorded with."""
+        run = await self._own_run(run_id)
         return await self._execute(run_id, run.input, run.input_hash, create=False)
+
+    async def fork(
+        self, run_id: str, *, from_step: str | None = None, new_run_id: str | None = None
+    ) -> str:
+        """Start a new run of this pipeline that re-runs run ``run_id`` from ``from_step`` on;
+        return its id (see :meth:`Tidebase.fork`). ``await pipeline.resume(new_id)`` runs it."""
+        await self._own_run(run_id)
+        return await self.tide.fork(run_id, from_step=from_step, new_run_id=new_run_id)
+
+    async def reset_step(self, run_id: str, step: str) -> StepsReset:
+        """Discard ``step`` of run ``run_id`` and every checkpoint after it (see
+        :meth:`Tidebase.reset_step`); ``await pipeline.resume(run_id)`` re-runs them."""
+        await self._own_run(run_id)
+        return await self.tide.reset_step(run_id, step)
 
     async def run_claimed(self, run_id: str, *, owner: str, claim_token: int) -> R:
         """Execute a run a worker claimed from the queue under ``claim_token``."""

@@ -10,12 +10,12 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, overload
 
-from . import _codec
+from . import _codec, _ids
 from ._config import redact, resolve_database_url, resolve_schema, setting, url_of_engine
 from ._engine import EngineSettings, Run, execute_run
 from ._errors import ConfigurationError
 from ._hashing import sha256_hex
-from ._ids import new_run_id, process_owner, validate_run_id
+from ._ids import new_run_id, process_owner, validate_run_id, validate_step_name
 from ._pricing import load_prices, parse_group_by, usage_report
 from ._store import (
     DEFAULT_QUEUE,
@@ -28,6 +28,7 @@ from ._store import (
     RunRecord,
     StateVersion,
     StepRecord,
+    StepsReset,
     Store,
     UsageRecord,
     get_store,
@@ -292,6 +293,44 @@ class Tidebase:
             _codec.encode(output, what="reviewed output") if act == ReviewAction.OUTPUT else None
         )
         return await (await self._open()).review_step(validate_run_id(run_id), step, act, encoded)
+
+    async def fork(
+        self, run_id: str, *, from_step: str | None = None, new_run_id: str | None = None
+    ) -> str:
+        """Start a new run that re-runs run ``run_id`` from step ``from_step`` on (P5).
+
+        The new run (id ``new_run_id``, else a generated one; returned) has the recorded
+        arguments of ``run_id``, a copy of each checkpoint recorded before ``from_step`` and
+        the state versions appended before it; invoking it (``pipeline.resume(new_id)``)
+        replays those and executes ``from_step`` and everything after it. Without
+        ``from_step`` it copies every checkpoint up to the first outermost one that did not
+        complete (all of a completed run). A run from a queue is forked onto that queue, for
+        the workers; any other waits as ``failed_retryable`` until it is invoked. Usage is not
+        copied (the fork did not spend it). The lineage is the first event of the new run
+        (``run_forked``) and an event of ``run_id`` (``run_fork_created``).
+
+        Raises ``RunLocked`` while ``run_id`` executes, ``RunNotFound`` / ``StepNotFound``
+        for an unknown run or step, ``RunConflict`` if ``new_run_id`` exists.
+        """
+        source = validate_run_id(run_id)
+        target = _ids.new_run_id() if new_run_id is None else validate_run_id(new_run_id)
+        step = None if from_step is None else validate_step_name(from_step)
+        await (await self._open()).fork(source, target, step)
+        return target
+
+    async def reset_step(self, run_id: str, step: str) -> StepsReset:
+        """Discard step ``step`` of run ``run_id`` and every checkpoint recorded after it, so
+        its next invocation executes them again (a changed prompt re-runs on purpose; P5).
+
+        State versions appended from that step on are dropped. Usage those steps recorded
+        stays in the ledger (it was spent) but is marked ``lost``, and the re-run records
+        its own. The run becomes invocable again (``failed_retryable``; a queued run stays
+        queued). Raises ``RunLocked`` while the run executes, ``RunCancelled`` for a
+        cancelled run (fork it instead), ``RunNotFound`` / ``StepNotFound``.
+        """
+        return await (await self._open()).reset_step(
+            validate_run_id(run_id), validate_step_name(step)
+        )
 
     # -- reads -----------------------------------------------------------------------------
 

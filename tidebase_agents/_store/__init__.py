@@ -1,8 +1,9 @@
 """Persistence: one store per backend behind one interface. Never imports the engine or the SDK.
 
 ``base`` defines the interface and what both backends share, ``postgres`` and ``sqlite`` the
-fenced writes each backend makes its own way, ``queue`` the queue operations, ``sql`` the named
-statements, ``tables`` the SQLAlchemy models, ``records`` what goes in and out.
+fenced writes each backend makes its own way, ``queue`` the queue operations, ``rewind`` the
+operator's fork and reset, ``sql`` the named statements, ``tables`` the SQLAlchemy models,
+``records`` what goes in and out.
 """
 
 from .base import RUN_COUNT_KEYS, USAGE_GROUP_KEYS, Listener, Store
@@ -21,6 +22,7 @@ from .records import (
     RunRecord,
     StateVersion,
     StepRecord,
+    StepsReset,
     UsageRecord,
     utcnow,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "RunRecord",
     "StateVersion",
     "StepRecord",
+    "StepsReset",
     "Store",
     "UsageRecord",
     "close_stores",

@@ -75,6 +75,7 @@ from .records import (
     utcnow,
 )
 from .recovery import RecoveryOps
+from .rewind import RewindOps
 from .rows import (
     RUN_COLUMNS,
     STEP_COLUMNS,
@@ -108,7 +109,7 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
 
-class Store(RecoveryOps, abc.ABC):
+class Store(RecoveryOps, RewindOps, abc.ABC):
     """One database: every read and write the library makes. Obtain one with ``open_store``."""
 
     #: The SQLAlchemy backend name this class serves.

@@ -98,6 +98,20 @@ class StepRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepsReset:
+    """What resetting a run at ``step`` did (P5): the checkpoints it discarded (in recording
+    order), how many state versions it dropped and usage records it set aside as ``lost``,
+    and the run's status afterwards."""
+
+    run_id: str
+    step: str
+    discarded: list[str]
+    state_versions_discarded: int
+    usage_superseded: int
+    status: RunStatus
+
+
+@dataclasses.dataclass(frozen=True)
 class EventRecord:
     """One entry of a run's append-only event log (R11)."""
 

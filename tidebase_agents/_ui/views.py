@@ -321,7 +321,10 @@ def origin(r: StepReading) -> str:
         return f"running in attempt {r.attempt}"
     if r.step.status in _ENDED_AS:
         return f"{_ENDED_AS[r.step.status]} in attempt {r.attempt}"
-    text = f"executed in attempt {r.attempt}"
+    # A fork's copies carry lease token 0: no attempt of this run executed them.
+    text = (
+        "copied when the run was forked" if r.attempt == 0 else f"executed in attempt {r.attempt}"
+    )
     if r.replays:
         text += f", replayed in {r.replays} later attempt{'s' if r.replays > 1 else ''}"
     return text
