@@ -148,19 +148,42 @@ def _handoff_json(h: Handoff[Any, Any]) -> dict[str, Any]:
     return {"tool": h.tool_name, "agent": h.agent_name, "params": h.input_json_schema}
 
 
-def _input_json(items: Any, cache: dict[int, tuple[Any, str]]) -> Any:
+def _input_json(items: Any, known: list[tuple[Any, str]]) -> Any:
     if isinstance(items, str):
         return items
-    # Per-item hashes, cached by identity: the run loop hands the same items back each turn,
-    # so a long tool loop hashes each item once instead of once per later turn.
+    # Per-item hashes by position: each turn's input is the previous turn's plus new items, as
+    # copies, so an item equal to the one hashed at its position reuses that hash, and a long
+    # tool loop hashes each item once instead of once per later turn.
     hashes = []
-    for item in items:
-        hit = cache.get(id(item))
-        if hit is None or hit[0] is not item:
-            hit = (item, sha256_hex(_jsonable(item), what="model input item"))
-            cache[id(item)] = hit
-        hashes.append(hit[1])
+    for i, item in enumerate(items):
+        if i < len(known):
+            seen, digest = known[i]
+            if seen is item or seen == item:
+                hashes.append(digest)
+                continue
+            del known[i:]
+        digest = sha256_hex(_jsonable(item), what="model input item")
+        known.append((item, digest))
+        hashes.append(digest)
     return hashes
+
+
+def _turn_hash(turns: _Turns, parts: dict[str, Any], name: str) -> tuple[str, dict[str, str]]:
+    """A turn's fingerprint. The static parts rarely change within an agent step: a part equal
+    to the last turn's reuses its hash instead of hashing its schemas again."""
+    fresh: dict[str, Any] = {}
+    hashed: dict[str, str] = {}
+    for part, value in parts.items():
+        seen = turns.static.get(part)
+        if seen is not None and seen[0] == value:
+            hashed[part] = seen[1]
+        else:
+            fresh[part] = value
+    input_hash, per_part = parts_hash(fresh, what=f"model turn {name!r}", hashed=hashed)
+    for part in STATIC_PARTS:
+        if part in fresh:
+            turns.static[part] = (fresh[part], per_part[part])
+    return input_hash, per_part
 
 
 _SAYING = frozenset({"message", "reasoning"})
@@ -186,7 +209,10 @@ class _Turns:
     failed_attempts: int = 0
     #: A call for turn ``last + 1`` started and has not succeeded.
     calling: bool = False
-    items: dict[int, tuple[Any, str]] = dataclasses.field(default_factory=dict)
+    #: The items of the last turn's input with their hashes, in order.
+    items: list[tuple[Any, str]] = dataclasses.field(default_factory=list)
+    #: The static parts of the last turn's fingerprint with their hashes, by part.
+    static: dict[str, tuple[Any, str]] = dataclasses.field(default_factory=dict)
     #: Objects a replayed turn handed to the SDK (raw events, output items): streamed events
     #: carrying them are marked as replayed.
     replayed: dict[int, Any] = dataclasses.field(default_factory=dict)
@@ -294,7 +320,7 @@ class JournaledModel(Model):
         """Replay the next turn, or say what the live call's journal entry carries."""
         turn = turns.last + 1
         name = turns.name(turn)
-        input_hash, per_part = parts_hash(parts, what=f"model turn {name!r}")
+        input_hash, per_part = _turn_hash(turns, parts, name)
         turns.calling = True
         rec = ex.recorded(name)
         if turns.diverged or rec is None or rec.status != StepStatus.COMPLETED:
