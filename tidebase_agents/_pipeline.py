@@ -55,6 +55,7 @@ class CheckpointedPipeline(Generic[P, R]):
         database_url: str | None = None,
         lease_seconds: float | None = None,
         context_codec: ContextCodec | None = None,
+        retention: dt.timedelta | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@checkpointed_pipeline needs an async function, got {fn!r}")
@@ -74,7 +75,15 @@ class CheckpointedPipeline(Generic[P, R]):
                 f"context_codec of pipeline {name!r} needs dump(context) and "
                 f"restore(context, data) methods, got {context_codec!r}"
             )
+        if retention is not None and (
+            not isinstance(retention, dt.timedelta) or retention <= dt.timedelta(0)
+        ):
+            raise ConfigurationError(
+                f"retention of pipeline {name!r} must be a positive timedelta, got {retention!r}"
+            )
         self.fn = fn
+        #: How long ended runs are kept; workers serving the pipeline prune older ones.
+        self.retention = retention
         _codec.register_annotations(fn)
         self.name = name
         self.options = PipelineOptions(context_codec=context_codec)
@@ -232,6 +241,7 @@ def checkpointed_pipeline(
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
+    retention: dt.timedelta | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], CheckpointedPipeline[P, R]]: ...
 
 
@@ -243,6 +253,7 @@ def checkpointed_pipeline(
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
+    retention: dt.timedelta | None = None,
 ) -> Any:
     """Make an async pipeline function durable.
 
@@ -252,7 +263,8 @@ def checkpointed_pipeline(
     ``$TIDEBASE_DATABASE_URL``, else embedded SQLite). Agent checkpoints hold the run context
     as each agent run left it (pydantic models, dataclasses and dicts of JSON values on their
     own); ``context_codec`` (``dump(context) -> JSON`` and ``restore(context, data)``, in place)
-    checkpoints any other context.
+    checkpoints any other context. ``retention`` keeps ended runs that long: workers serving
+    the pipeline prune older ones (``Tidebase.prune``) every ``retention_interval``.
     """
     if callable(name):
         fn = name
@@ -266,6 +278,7 @@ def checkpointed_pipeline(
             database_url=database_url,
             lease_seconds=lease_seconds,
             context_codec=context_codec,
+            retention=retention,
         )
 
     return decorate

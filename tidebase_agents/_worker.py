@@ -31,9 +31,12 @@ from ._config import env_setting, resolve_database_url, resolve_schema
 from ._errors import ConfigurationError
 from ._pipeline import CheckpointedPipeline, registered_pipelines
 from ._store import DEFAULT_QUEUE, Backoff, Claim, Store, get_store, utcnow
+from ._store.retention import PruneFilter
 from ._tidebase import Tidebase
 
 log = logging.getLogger("tidebase_agents.worker")
+#: Seconds a worker's retention pass waits between batches.
+PRUNE_PAUSE = 0.05
 
 
 def load_app(spec: str, app_dir: str | os.PathLike[str] | None = None) -> Any:
@@ -97,13 +100,21 @@ class WorkerOptions:
     max_backoff: float = 300.0
     #: Wake on PostgreSQL NOTIFY (else poll only).
     listen: bool = True
+    #: Seconds between retention passes over the served pipelines that set ``retention``.
+    retention_interval: float = 600.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
-        if self.poll_interval <= 0 or self.grace_seconds < 0 or (self.lease_seconds or 1) <= 0:
+        if (
+            self.poll_interval <= 0
+            or self.retention_interval <= 0
+            or self.grace_seconds < 0
+            or (self.lease_seconds or 1) <= 0
+        ):
             raise ConfigurationError(
-                "poll_interval and lease_seconds must be positive, grace_seconds not negative"
+                "poll_interval, retention_interval and lease_seconds must be positive, "
+                "grace_seconds not negative"
             )
         if not self.queues:
             raise ConfigurationError("a worker needs at least one queue")
@@ -113,7 +124,8 @@ class WorkerOptions:
         """Options from ``TIDEBASE_WORKER_QUEUES`` (comma-separated),
         ``TIDEBASE_WORKER_CONCURRENCY``, ``..._PIPELINES``, ``..._LEASE_SECONDS``,
         ``..._POLL_INTERVAL``, ``..._RECONCILE_INTERVAL``, ``..._GRACE_SECONDS``,
-        ``..._RETRY_BACKOFF``, ``..._MAX_BACKOFF`` and ``..._LISTEN`` (1/0, true/false);
+        ``..._RETRY_BACKOFF``, ``..._MAX_BACKOFF``, ``..._LISTEN`` (1/0, true/false) and
+        ``..._RETENTION_INTERVAL``;
         ``options`` given here win over the environment, which wins over the defaults."""
         unknown = set(options) - set(ENV_KINDS)
         if unknown:
@@ -138,6 +150,7 @@ ENV_KINDS = {
     "retry_backoff": "float",
     "max_backoff": "float",
     "listen": "bool",
+    "retention_interval": "float",
 }
 
 
@@ -224,6 +237,7 @@ class Worker:
         lease = self.lease_seconds or max(p.tide.lease_seconds for p in served.values())
         reconciler = asyncio.create_task(self._reconcile_loop(store, lease))
         listener = asyncio.create_task(self._listen(store)) if self.options.listen else None
+        retention = asyncio.create_task(self._retention_loop(store, served))
         log.info(
             "worker %s: pipelines %s, queues %s, concurrency %d",
             self.owner,
@@ -249,7 +263,7 @@ class Worker:
                 listener.cancel()  # its connection is terminated in its finally
             # The reconciler ends after its current pass: cancelling a pass midway could
             # strand its pooled connection in a half-closed state.
-            await asyncio.wait([t for t in (reconciler, listener) if t is not None])
+            await asyncio.wait([t for t in (reconciler, retention, listener) if t is not None])
             log.info("worker %s stopped", self.owner)
 
     async def _fill(
@@ -353,6 +367,28 @@ class Worker:
             # Jitter keeps workers started together from contending in lockstep.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval * (0.5 + random.random()))
+
+    async def _retention_loop(
+        self, store: Store, served: dict[str, CheckpointedPipeline[Any, Any]]
+    ) -> None:
+        """Prune the ended runs of served pipelines that outlived their ``retention``."""
+        kept = {name: p.retention for name, p in served.items() if p.retention is not None}
+        while kept and not self._stopping.is_set():
+            for name, retention in kept.items():
+                try:
+                    # A short pause between batches leaves the database to the runs.
+                    n = await store.prune(
+                        PruneFilter(utcnow() - retention, pipelines=(name,)),
+                        pause=PRUNE_PAUSE,
+                        stop=self._stopping,
+                    )
+                except Exception as exc:
+                    log.warning("retention pass for %s failed: %s", name, exc)
+                else:
+                    if n:
+                        log.info("retention: pruned %d ended runs of %s", n, name)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.options.retention_interval)
 
     async def _listen(self, store: Store) -> None:
         keepalive = max(self.poll_interval * 5, 10.0)

@@ -74,6 +74,7 @@ from .records import (
     step_from_mapping,
     utcnow,
 )
+from .retention import RetentionOps
 from .rows import (
     RUN_COLUMNS,
     STEP_COLUMNS,
@@ -107,7 +108,7 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
 
-class Store(QueueOps, abc.ABC):
+class Store(QueueOps, RetentionOps, abc.ABC):
     """One database: every read and write the library makes. Obtain one with ``open_store``."""
 
     #: The SQLAlchemy backend name this class serves.
@@ -654,6 +655,8 @@ class Store(QueueOps, abc.ABC):
         ``unpriced_output`` / ``unpriced_cached``: tokens of records without a cost.
         ``run_ids`` keeps only those runs' records. With ``bucket_seconds`` the sums are
         also per time bucket: ``bucket`` is the start of the record's bucket in epoch seconds.
+        Usage of pruned runs comes from the daily rollups (``run`` None), except for a
+        ``run_id`` / ``run_ids`` read.
         """
         unpriced = UsageRow.cost_usd.is_(None)
         keyed = {k: _USAGE_GROUPS[k] for k in dict.fromkeys([*by, "model"])}
@@ -683,7 +686,13 @@ class Store(QueueOps, abc.ABC):
         if run_ids is not None:
             q = q.where(UsageRow.run_id.in_(list(run_ids)))
         async with self.connect() as conn:
-            return [dict(r._mapping) for r in await conn.execute(q)]
+            live = [dict(r._mapping) for r in await conn.execute(q)]
+        if run_id or run_ids is not None:
+            return live  # pruned runs are gone, and so is their per-run usage
+        # Pruned runs' usage lives on in the daily rollups (``Store.prune``).
+        return live + await self.rollup_totals(
+            by, pipeline=pipeline, since=since, bucket_seconds=bucket_seconds
+        )
 
 
 _RUN_COUNT_GROUPS = {"status": RunRow.status, "pipeline": RunRow.pipeline, "queue": RunRow.queue}
