@@ -43,6 +43,7 @@ from .records import (
     UsageRecord,
     fields_of,
     run_from_mapping,
+    step_from_mapping,
     utcnow,
 )
 from .rows import fence_error
@@ -134,7 +135,12 @@ class WriterPool:
         self._idle: list[asyncpg.Connection] = []
 
     async def fetchrow(self, statement: str, params: Sequence[Any], timeout: float) -> Any:
-        """The first row of ``statement``, on an idle connection or a new one, in autocommit.
+        """The first row of ``statement`` (see :meth:`call`)."""
+        return await self.call("fetchrow", statement, params, timeout)
+
+    async def call(self, method: str, statement: str, params: Sequence[Any], timeout: float) -> Any:
+        """``connection.<method>(statement)`` (``fetchrow``, ``fetch``) on an idle connection
+        or a new one, in autocommit.
 
         A connection the server closed while idle (a restart, a terminated backend) is noticed
         before use and replaced; a statement the closed connection refused to send is sent once
@@ -146,7 +152,7 @@ class WriterPool:
             async with self._slots:
                 conn = await self._checkout(max(deadline - loop.time(), 0.01))
                 try:
-                    row = await conn.fetchrow(
+                    row = await getattr(conn, method)(
                         statement, *params, timeout=max(deadline - loop.time(), 0.01)
                     )
                 except BaseException as exc:
@@ -242,6 +248,14 @@ class PostgresStore(Store):
         self.statements += 1
         with self.in_use(), self.driver_errors():
             return await self._writers.fetchrow(statement, params, timeout or COMMAND_TIMEOUT)
+
+    async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
+        # Straight from asyncpg: SQLAlchemy's row processing cost more than the query itself
+        # for runs of thousands of steps.
+        self.statements += 1
+        with self.in_use(), self.driver_errors():
+            rows = await self._writers.call("fetch", sql.LOAD_STEPS, (run_id,), COMMAND_TIMEOUT)
+        return {r["name"]: step_from_mapping(r) for r in rows}
 
     async def _fenced(
         self, lease: Lease, statement: str, n_events: int, *params: Any, timeout: float | None

@@ -152,6 +152,9 @@ RECORD_USAGE = f"WITH {_fence()}, {_usage(5)} SELECT event_seq FROM fence"
 #: Extend the lease ($5 the new expiry) while it holds.
 EXTEND_LEASE = f"WITH {_fence(', lease_expires_at = $5')} SELECT event_seq FROM fence"
 
+#: Every checkpoint of run $1, in the order they were first written.
+LOAD_STEPS = f"SELECT {', '.join(STEP_FIELDS)} FROM {STEPS} WHERE run_id = $1 ORDER BY id"
+
 #: Read the fence's inputs: is the run still running under this token?
 LEASE_STATE = f"SELECT status, lease_token FROM {RUNS} WHERE run_id = $1"
 

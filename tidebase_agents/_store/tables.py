@@ -134,7 +134,6 @@ class RunRow(Base):
         Index("ix_tidebase_runs_lease_expires", "status", "lease_expires_at"),
         # Retention finds ended runs by when they ended (Store.prune).
         Index("ix_tidebase_runs_status_finished", "status", "finished_at"),
-        Index("ix_tidebase_runs_claim", "queue", "status", "priority", "scheduled_at"),
         Index(
             "uq_tidebase_runs_active_dedupe",
             "queue",
@@ -144,6 +143,18 @@ class RunRow(Base):
             sqlite_where=_ACTIVE_DEDUPE,
         ),
     )
+
+
+# Claims walk this index in their order (highest priority, then earliest due, then oldest)
+# and stop at the first due run, so a claim costs the same however deep the queue is.
+Index(
+    "ix_tidebase_runs_claim",
+    RunRow.queue,
+    RunRow.status,
+    RunRow.priority.desc(),
+    RunRow.scheduled_at,
+    RunRow.created_at,
+)
 
 
 class StepRow(Base):

@@ -1,4 +1,5 @@
-"""retention: usage of pruned runs kept as daily rollups, ended runs found by when they ended
+"""retention: usage of pruned runs kept as daily rollups, ended runs found by when they ended;
+claims walk an index in their own order
 
 Revision ID: 0011_retention
 Revises: 0007_inspector_indexes
@@ -47,9 +48,20 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_tidebase_runs_status_finished", ["status", "finished_at"], unique=False
         )
+        # The claim index in the claim's order: a deep queue no longer sorts every run.
+        batch_op.drop_index("ix_tidebase_runs_claim")
+        batch_op.create_index(
+            "ix_tidebase_runs_claim",
+            ["queue", "status", sa.text("priority DESC"), "scheduled_at", "created_at"],
+            unique=False,
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("tidebase_runs", schema=None) as batch_op:
+        batch_op.drop_index("ix_tidebase_runs_claim")
+        batch_op.create_index(
+            "ix_tidebase_runs_claim", ["queue", "status", "priority", "scheduled_at"], unique=False
+        )
         batch_op.drop_index("ix_tidebase_runs_status_finished")
     op.drop_table("tidebase_usage_daily")
