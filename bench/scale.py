@@ -254,8 +254,22 @@ async def measure_worker(url: str) -> dict[str, Any]:
 
         return await current_run().step("model", model)
 
-    for start in range(0, WORKER_RUNS, 100):
-        await asyncio.gather(*(modelled.enqueue(i) for i in range(start, start + 100)))
+    # Enqueued with bulk SQL, as `enqueue` records them (arguments and their hash).
+    await modelled.enqueue(-1)
+    template = await tide.get_run((await tide.list_runs(pipeline="scale-worker"))[0].run_id)
+    conn = await asyncpg.connect(asyncpg_dsn(url), server_settings={"search_path": "tidebase"})
+    try:
+        await conn.executemany(
+            "INSERT INTO tidebase_runs (run_id, pipeline, status, input, input_hash, queue, "
+            "scheduled_at, max_attempts, created_at, updated_at, event_seq) VALUES "
+            "($1, 'scale-worker', 'queued', $2::jsonb, $3, 'default', now(), 5, now(), now(), 0)",
+            [
+                (f"w-{i}", json.dumps({**template.input, "args": [i]}), f"bench-{i}")
+                for i in range(1, WORKER_RUNS)
+            ],
+        )
+    finally:
+        await conn.close()
     worker = Worker(
         url,
         WorkerOptions(concurrency=CONCURRENCY, pipelines=["scale-worker"], poll_interval=0.5),

@@ -33,6 +33,7 @@ from ._pipeline import CheckpointedPipeline, registered_pipelines
 from ._store import DEFAULT_QUEUE, Backoff, Claim, Store, get_store, utcnow
 from ._store.retention import PruneFilter
 from ._tidebase import Tidebase
+from ._vocab import RunStatus
 
 log = logging.getLogger("tidebase_agents.worker")
 #: Seconds a worker's retention pass waits between batches.
@@ -311,6 +312,11 @@ class Worker:
         raised = ""
         try:
             await pipeline.run_claimed(c.run_id, owner=self.owner, claim_token=c.token)
+            # Returning means the run is completed (its end was written under this claim's
+            # lease, or it had ended so before): nothing to settle.
+            self.outcomes[RunStatus.COMPLETED] += 1
+            log.info("run %s attempt %d ended completed", c.run_id, c.attempt)
+            return
         except asyncio.CancelledError:
             # Only the shutdown cancels an execution; the run goes back on the queue below.
             interrupted = True

@@ -1,10 +1,11 @@
 """Retention (``runs prune``): delete ended runs with everything recorded for them, in small
 batches, keeping their usage as daily rollups so usage totals stay right.
 
-Each batch is its own short transaction: it picks up to ``batch`` ended runs (on PostgreSQL
-with ``FOR UPDATE SKIP LOCKED``, so it never waits on a writer, and the rows of ended runs are
-not ones an executing run writes), folds their usage into ``tidebase_usage_daily`` and deletes
-their usage, steps, events, state and run rows. Only statuses in ``PRUNABLE_RUN_STATUSES`` are
+Each batch is its own short transaction: it picks up to ``batch`` ended runs with
+``FOR UPDATE SKIP LOCKED`` (it never waits on a writer, and the rows of ended runs are not ones
+an executing run writes), folds their usage into ``tidebase_usage_daily`` and deletes their
+usage, steps, events, state and run rows. On PostgreSQL a batch is one statement
+(``sql.PRUNE_BATCH``); SQLite, one writer at a time, takes a few statements per batch. Only statuses in ``PRUNABLE_RUN_STATUSES`` are
 ever deleted, and each delete checks the status again.
 """
 
@@ -93,33 +94,34 @@ class RetentionOps(abc.ABC):
         return how many were deleted."""
         deleted = 0
         while stop is None or not stop.is_set():
-            async with self.transaction() as conn:
-                n = await self._prune_batch(conn, which, batch)
+            n = await self._prune_once(which, batch)
             deleted += n
             if n < batch:
                 break
             await asyncio.sleep(pause)
         return deleted
 
-    async def _prune_batch(self, conn: AsyncConnection, which: PruneFilter, batch: int) -> int:
-        ids = list(
-            (
-                await conn.execute(
-                    select(RunRow.run_id)
-                    .where(*which.where())
-                    .order_by(RunRow.finished_at)
-                    .limit(batch)
-                    .with_for_update(skip_locked=True)
-                )
-            ).scalars()
-        )
-        if not ids:
-            return 0
-        await self._roll_up(conn, ids)
-        for table in _CHILD_TABLES:
-            await conn.execute(delete(table).where(table.run_id.in_(ids)))
-        await conn.execute(delete(RunRow).where(RunRow.run_id.in_(ids), *which.where()))
-        return len(ids)
+    async def _prune_once(self, which: PruneFilter, batch: int) -> int:
+        """One batch in one transaction: how many runs it deleted."""
+        async with self.transaction() as conn:
+            ids = list(
+                (
+                    await conn.execute(
+                        select(RunRow.run_id)
+                        .where(*which.where())
+                        .order_by(RunRow.finished_at)
+                        .limit(batch)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).scalars()
+            )
+            if not ids:
+                return 0
+            await self._roll_up(conn, ids)
+            for table in _CHILD_TABLES:
+                await conn.execute(delete(table).where(table.run_id.in_(ids)))
+            await conn.execute(delete(RunRow).where(RunRow.run_id.in_(ids), *which.where()))
+            return len(ids)
 
     async def _roll_up(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
         """Add the usage of runs ``ids`` to the daily rollups."""
