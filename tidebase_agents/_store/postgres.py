@@ -43,7 +43,6 @@ from .records import (
     UsageRecord,
     fields_of,
     run_from_mapping,
-    step_from_mapping,
     utcnow,
 )
 from .retention import PruneFilter
@@ -136,12 +135,7 @@ class WriterPool:
         self._idle: list[asyncpg.Connection] = []
 
     async def fetchrow(self, statement: str, params: Sequence[Any], timeout: float) -> Any:
-        """The first row of ``statement`` (see :meth:`call`)."""
-        return await self.call("fetchrow", statement, params, timeout)
-
-    async def call(self, method: str, statement: str, params: Sequence[Any], timeout: float) -> Any:
-        """``connection.<method>(statement)`` (``fetchrow``, ``fetch``) on an idle connection
-        or a new one, in autocommit.
+        """The first row of ``statement``, on an idle connection or a new one, in autocommit.
 
         A connection the server closed while idle (a restart, a terminated backend) is noticed
         before use and replaced; a statement the closed connection refused to send is sent once
@@ -153,7 +147,7 @@ class WriterPool:
             async with self._slots:
                 conn = await self._checkout(max(deadline - loop.time(), 0.01))
                 try:
-                    row = await getattr(conn, method)(
+                    row = await conn.fetchrow(
                         statement, *params, timeout=max(deadline - loop.time(), 0.01)
                     )
                 except BaseException as exc:
@@ -255,14 +249,6 @@ class PostgresStore(Store):
         # SQLAlchemy (with its ping) cost more than the read (see the module docstring).
         row = await self._fetch(sql.GET_RUN, run_id)
         return None if row is None else run_from_mapping(row)
-
-    async def load_steps(self, run_id: str) -> dict[str, StepRecord]:
-        # Straight from asyncpg: SQLAlchemy's row processing cost more than the query itself
-        # for runs of thousands of steps.
-        self.statements += 1
-        with self.in_use(), self.driver_errors():
-            rows = await self._writers.call("fetch", sql.LOAD_STEPS, (run_id,), COMMAND_TIMEOUT)
-        return {r["name"]: step_from_mapping(r) for r in rows}
 
     async def _prune_once(self, which: PruneFilter, batch: int) -> int:
         # One statement per batch on a writer connection (its own short transaction).

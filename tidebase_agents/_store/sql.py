@@ -156,9 +156,6 @@ EXTEND_LEASE = f"WITH {_fence(', lease_expires_at = $5')} SELECT event_seq FROM 
 #: Run $1 as stored.
 GET_RUN = f"SELECT * FROM {RUNS} WHERE run_id = $1"
 
-#: Every checkpoint of run $1, in the order they were first written.
-LOAD_STEPS = f"SELECT {', '.join(STEP_FIELDS)} FROM {STEPS} WHERE run_id = $1 ORDER BY id"
-
 #: Read the fence's inputs: is the run still running under this token?
 LEASE_STATE = f"SELECT status, lease_token FROM {RUNS} WHERE run_id = $1"
 
