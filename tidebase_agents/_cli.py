@@ -1022,6 +1022,12 @@ def worker(
         bool | None,
         typer.Option("--listen/--no-listen", help="Wake on PostgreSQL NOTIFY (default on)."),
     ] = None,
+    retention_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between pruning passes for pipelines with a retention (default 600)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Claim and execute queued runs until SIGTERM (graceful) or a second signal (immediate).
@@ -1050,6 +1056,7 @@ def worker(
         "retry_backoff": retry_backoff,
         "max_backoff": max_backoff,
         "listen": listen,
+        "retention_interval": retention_interval,
     }
     try:
         worker_options = WorkerOptions.from_env(**{k: v for k, v in given.items() if v is not None})
