@@ -517,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS_PATH, help="JSON summary path")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the SQLite files")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any configuration failed")
+    parser.add_argument("--no-scale", action="store_true", help="skip bench/scale.py's keys")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -557,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     summary = summarize(results)
+    if not args.no_scale:
+        from bench import scale  # cost flat as work grows (bench/scale.py), PostgreSQL only
+
+        summary.update(scale.run(settings.params["pg_url"]))
     wall_s = time.perf_counter() - started
     document: dict[str, Any] = {
         **summary,

@@ -30,7 +30,14 @@ from ._pricing import load_prices, parse_group_by, record_cost
 from ._store import EventRecord, RunRecord, StepRecord, StepsReset, close_stores
 from ._text import Column, columns, one_line, output_width, wrapped
 from ._tidebase import Tidebase
-from ._vocab import EVENT_OF_REVIEW, EventKind, ReviewAction, RunStatus, StepStatus
+from ._vocab import (
+    EVENT_OF_REVIEW,
+    PRUNABLE_RUN_STATUSES,
+    EventKind,
+    ReviewAction,
+    RunStatus,
+    StepStatus,
+)
 
 T = TypeVar("T")
 
@@ -41,6 +48,7 @@ EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 130
 
 RUN_STATUSES = tuple(str(s) for s in RunStatus)
+PRUNABLE_STATUSES = tuple(str(s) for s in RunStatus if s in PRUNABLE_RUN_STATUSES)
 _STATUS_COLOUR: dict[str, str] = {
     RunStatus.COMPLETED: "green",
     RunStatus.RUNNING: "cyan",
@@ -59,7 +67,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-runs_app = typer.Typer(help="List, show, resume, cancel and fork runs.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="List, show, resume, cancel, fork and prune runs.", no_args_is_help=True
+)
 steps_app = typer.Typer(
     help="Resolve steps parked in manual review; reset a run to a step.", no_args_is_help=True
 )
@@ -784,6 +794,62 @@ def runs_fork(
     )
 
 
+@runs_app.command("prune")
+def runs_prune(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="Prune runs that ended before this: 30d, 12h, 90m ago, or an ISO timestamp.",
+        ),
+    ],
+    status: Annotated[
+        MultiOption,
+        typer.Option(
+            help=f"Only runs that ended so (repeatable, or a comma list): "
+            f"{', '.join(PRUNABLE_STATUSES)} (default: all of them)."
+        ),
+    ] = None,
+    pipeline: Annotated[
+        MultiOption, typer.Option(help="Only runs of this pipeline (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count the runs that would go; delete nothing.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete ended runs with their steps, events, state and usage records, in small batches.
+
+    Their token usage stays in `usage` totals as daily rollups. Queued, running, parked and
+    waiting runs are never pruned.
+    """
+    try:
+        before = parse_since(older_than)
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+    assert before is not None  # a required option is never empty
+    statuses = _many(status)
+    for value in statuses:
+        if value not in PRUNABLE_STATUSES:
+            raise typer.BadParameter(
+                f"{value!r} cannot be pruned: only {', '.join(PRUNABLE_STATUSES)} runs",
+                param_hint="--status",
+            )
+    tide = _tide(ctx, existing=True)
+    n = _call(
+        lambda: tide.prune(before, statuses=statuses, pipeline=_many(pipeline), dry_run=dry_run)
+    )
+    shown = statuses or list(PRUNABLE_STATUSES)
+    if as_json:
+        _json({"runs": n, "dry_run": dry_run, "ended_before": before, "statuses": shown})
+        return
+    verb = "would prune" if dry_run else "pruned"
+    typer.echo(
+        f"{verb} {_plural(n, 'run')} ({', '.join(shown)}) that ended before {_when(before)} UTC"
+    )
+
+
 # -- steps ---------------------------------------------------------------------------------
 
 
@@ -1059,6 +1125,12 @@ def worker(
         bool | None,
         typer.Option("--listen/--no-listen", help="Wake on PostgreSQL NOTIFY (default on)."),
     ] = None,
+    retention_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between pruning passes for pipelines with a retention (default 600)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Claim and execute queued runs until SIGTERM (graceful) or a second signal (immediate).
@@ -1088,6 +1160,7 @@ def worker(
         "retry_backoff": retry_backoff,
         "max_backoff": max_backoff,
         "listen": listen,
+        "retention_interval": retention_interval,
     }
     try:
         worker_options = WorkerOptions.from_env(**{k: v for k, v in given.items() if v is not None})

@@ -56,6 +56,7 @@ class CheckpointedPipeline(Generic[P, R]):
         lease_seconds: float | None = None,
         context_codec: ContextCodec | None = None,
         recover: bool = True,
+        retention: dt.timedelta | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@checkpointed_pipeline needs an async function, got {fn!r}")
@@ -75,7 +76,15 @@ class CheckpointedPipeline(Generic[P, R]):
                 f"context_codec of pipeline {name!r} needs dump(context) and "
                 f"restore(context, data) methods, got {context_codec!r}"
             )
+        if retention is not None and (
+            not isinstance(retention, dt.timedelta) or retention <= dt.timedelta(0)
+        ):
+            raise ConfigurationError(
+                f"retention of pipeline {name!r} must be a positive timedelta, got {retention!r}"
+            )
         self.fn = fn
+        #: How long ended runs are kept; workers serving the pipeline prune older ones.
+        self.retention = retention
         _codec.register_annotations(fn)
         self.name = name
         #: Whether workers serving this pipeline finish its direct-call runs whose process died.
@@ -254,6 +263,7 @@ def checkpointed_pipeline(
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
     recover: bool = True,
+    retention: dt.timedelta | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], CheckpointedPipeline[P, R]]: ...
 
 
@@ -266,6 +276,7 @@ def checkpointed_pipeline(
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
     recover: bool = True,
+    retention: dt.timedelta | None = None,
 ) -> Any:
     """Make an async pipeline function durable.
 
@@ -280,6 +291,8 @@ def checkpointed_pipeline(
     A run whose executor died (its process killed, its machine gone) is finished by a worker
     serving the pipeline, enqueued or started by a direct call, as soon as the death is
     detectable (P4); ``recover=False`` leaves direct-call runs to their caller to re-invoke.
+    ``retention`` keeps ended runs that long: workers serving the pipeline prune older ones
+    (``Tidebase.prune``) every ``retention_interval``.
     """
     if callable(name):
         fn = name
@@ -294,6 +307,7 @@ def checkpointed_pipeline(
             lease_seconds=lease_seconds,
             context_codec=context_codec,
             recover=recover,
+            retention=retention,
         )
 
     return decorate

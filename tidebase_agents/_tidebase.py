@@ -35,7 +35,8 @@ from ._store import (
     utcnow,
 )
 from ._store.queue import DEFAULT_MAX_ATTEMPTS
-from ._vocab import ReviewAction, RunStatus, parse
+from ._store.retention import PRUNE_BATCH, PruneFilter
+from ._vocab import PRUNABLE_RUN_STATUSES, ReviewAction, RunStatus, parse
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 (the input of a pipeline function)
@@ -332,6 +333,33 @@ class Tidebase:
             validate_run_id(run_id), validate_step_name(step)
         )
 
+    async def prune(
+        self,
+        older_than: dt.timedelta | dt.datetime,
+        *,
+        statuses: RunStatus | str | Sequence[RunStatus | str] = (),
+        pipeline: str | Sequence[str] = (),
+        dry_run: bool = False,
+        batch: int = PRUNE_BATCH,
+    ) -> int:
+        """Delete ended runs (completed, failed, cancelled; ``statuses`` narrows them) that
+        finished more than ``older_than`` ago (or before that datetime), with their steps,
+        events, state and usage records; return how many runs were deleted (``dry_run``: how
+        many would be). Their usage stays in :meth:`usage` totals as daily rollups.
+
+        Deletes ``batch`` runs per transaction; queued, running, parked and waiting runs are
+        never touched.
+        """
+        return await self._prune(
+            _prune_filter(older_than, statuses, _many(pipeline)), dry_run=dry_run, batch=batch
+        )
+
+    async def _prune(self, which: PruneFilter, *, dry_run: bool, batch: int) -> int:
+        if not 0 < batch <= 10_000:
+            raise ConfigurationError(f"batch must be between 1 and 10000, got {batch!r}")
+        store = await self._open()
+        return await (store.count_prunable(which) if dry_run else store.prune(which, batch=batch))
+
     # -- reads -----------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -508,6 +536,35 @@ class Tidebase:
     async def close(self) -> None:
         """Let database calls in flight finish, then release this database's connections."""
         await self.store.close()
+
+
+def _prune_filter(
+    older_than: dt.timedelta | dt.datetime,
+    statuses: RunStatus | str | Sequence[RunStatus | str],
+    pipelines: Sequence[str],
+) -> PruneFilter:
+    """The runs a prune deletes, validated: a non-negative age or an aware datetime, and
+    statuses that are ended ones."""
+    if isinstance(older_than, dt.timedelta):
+        if older_than < dt.timedelta(0):
+            raise ConfigurationError("older_than must not be negative")
+        before = utcnow() - older_than
+    elif isinstance(older_than, dt.datetime) and older_than.tzinfo is not None:
+        before = older_than
+    else:
+        raise ConfigurationError(
+            f"older_than must be a timedelta or a timezone-aware datetime, got {older_than!r}"
+        )
+    picked = frozenset(parse(RunStatus, s, "status") for s in _many(statuses))
+    refused = sorted(str(s) for s in picked - PRUNABLE_RUN_STATUSES)
+    if refused:
+        allowed = ", ".join(sorted(str(s) for s in PRUNABLE_RUN_STATUSES))
+        raise ConfigurationError(
+            f"only ended runs ({allowed}) can be pruned, not {', '.join(refused)}"
+        )
+    for name in pipelines:
+        _check_name(name, "pipeline", required=True)
+    return PruneFilter(before, picked or PRUNABLE_RUN_STATUSES, tuple(pipelines))
 
 
 def _many(value: Any) -> list[Any]:

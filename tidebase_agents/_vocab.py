@@ -126,6 +126,9 @@ ACTIVE_RUN_STATUSES = frozenset(
 )
 #: Runs that ended; nothing ever changes their status again.
 TERMINAL_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+#: Runs retention may delete (``runs prune``): ended ones only. Queued, running, parked and
+#: waiting runs are never pruned, whatever a caller asks for.
+PRUNABLE_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 #: Runs an invocation may take at once; a ``running`` run only once its holder is gone.
 RESTARTABLE_RUN_STATUSES = frozenset(
     {RunStatus.QUEUED, RunStatus.FAILED_RETRYABLE, RunStatus.MANUAL_REVIEW}

@@ -33,9 +33,13 @@ from ._config import env_setting, resolve_database_url, resolve_schema
 from ._errors import ConfigurationError
 from ._pipeline import CheckpointedPipeline, registered_pipelines
 from ._store import DEFAULT_QUEUE, Backoff, Claim, Store, get_store, utcnow
+from ._store.retention import PruneFilter
 from ._tidebase import Tidebase
+from ._vocab import RunStatus
 
 log = logging.getLogger("tidebase_agents.worker")
+#: Seconds a worker's retention pass waits between batches.
+PRUNE_PAUSE = 0.05
 
 
 def load_app(spec: str, app_dir: str | os.PathLike[str] | None = None) -> Any:
@@ -101,6 +105,8 @@ class WorkerOptions:
     listen: bool = True
     #: How often to look for runs of the served pipelines whose holder died (seconds).
     recover_interval: float = 1.0
+    #: Seconds between retention passes over the served pipelines that set ``retention``.
+    retention_interval: float = 600.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -108,12 +114,13 @@ class WorkerOptions:
         if (
             self.poll_interval <= 0
             or self.recover_interval <= 0
+            or self.retention_interval <= 0
             or self.grace_seconds < 0
             or (self.lease_seconds or 1) <= 0
         ):
             raise ConfigurationError(
-                "poll_interval, recover_interval and lease_seconds must be positive, "
-                "grace_seconds not negative"
+                "poll_interval, recover_interval, retention_interval and lease_seconds must be "
+                "positive, grace_seconds not negative"
             )
         if not self.queues:
             raise ConfigurationError("a worker needs at least one queue")
@@ -123,8 +130,8 @@ class WorkerOptions:
         """Options from ``TIDEBASE_WORKER_QUEUES`` (comma-separated),
         ``TIDEBASE_WORKER_CONCURRENCY``, ``..._PIPELINES``, ``..._LEASE_SECONDS``,
         ``..._POLL_INTERVAL``, ``..._RECONCILE_INTERVAL``, ``..._GRACE_SECONDS``,
-        ``..._RETRY_BACKOFF``, ``..._MAX_BACKOFF``, ``..._LISTEN`` (1/0, true/false) and
-        ``..._RECOVER_INTERVAL``;
+        ``..._RETRY_BACKOFF``, ``..._MAX_BACKOFF``, ``..._LISTEN`` (1/0, true/false),
+        ``..._RECOVER_INTERVAL`` and ``..._RETENTION_INTERVAL``;
         ``options`` given here win over the environment, which wins over the defaults."""
         unknown = set(options) - set(ENV_KINDS)
         if unknown:
@@ -150,6 +157,7 @@ ENV_KINDS = {
     "max_backoff": "float",
     "listen": "bool",
     "recover_interval": "float",
+    "retention_interval": "float",
 }
 
 
@@ -237,6 +245,7 @@ class Worker:
         reconciler = asyncio.create_task(self._reconcile_loop(store, lease))
         recoverer = asyncio.create_task(self._recover_loop(store, served, lease))
         listener = asyncio.create_task(self._listen(store)) if self.options.listen else None
+        retention = asyncio.create_task(self._retention_loop(store, served))
         log.info(
             "worker %s: pipelines %s, queues %s, concurrency %d",
             self.owner,
@@ -262,7 +271,8 @@ class Worker:
                 listener.cancel()  # its connection is terminated in its finally
             # The reconciler ends after its current pass: cancelling a pass midway could
             # strand its pooled connection in a half-closed state.
-            await asyncio.wait([t for t in (reconciler, recoverer, listener) if t is not None])
+            tasks = (reconciler, recoverer, retention, listener)
+            await asyncio.wait([t for t in tasks if t is not None])
             log.info("worker %s stopped", self.owner)
 
     async def _fill(
@@ -344,6 +354,11 @@ class Worker:
         raised = ""
         try:
             await pipeline.run_claimed(c.run_id, owner=self.owner, claim_token=c.token)
+            # Returning means the run is completed (its end was written under this claim's
+            # lease, or it had ended so before): nothing to settle.
+            self.outcomes[RunStatus.COMPLETED] += 1
+            log.info("run %s attempt %d ended completed", c.run_id, c.attempt)
+            return
         except asyncio.CancelledError:
             # Only the shutdown cancels an execution; the run goes back on the queue below.
             interrupted = True
@@ -400,6 +415,28 @@ class Worker:
             # Jitter keeps workers started together from contending in lockstep.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval * (0.5 + random.random()))
+
+    async def _retention_loop(
+        self, store: Store, served: dict[str, CheckpointedPipeline[Any, Any]]
+    ) -> None:
+        """Prune the ended runs of served pipelines that outlived their ``retention``."""
+        kept = {name: p.retention for name, p in served.items() if p.retention is not None}
+        while kept and not self._stopping.is_set():
+            for name, retention in kept.items():
+                try:
+                    # A short pause between batches leaves the database to the runs.
+                    n = await store.prune(
+                        PruneFilter(utcnow() - retention, pipelines=(name,)),
+                        pause=PRUNE_PAUSE,
+                        stop=self._stopping,
+                    )
+                except Exception as exc:
+                    log.warning("retention pass for %s failed: %s", name, exc)
+                else:
+                    if n:
+                        log.info("retention: pruned %d ended runs of %s", n, name)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.options.retention_interval)
 
     async def _listen(self, store: Store) -> None:
         keepalive = max(self.poll_interval * 5, 10.0)

@@ -75,6 +75,7 @@ from .records import (
     utcnow,
 )
 from .recovery import RecoveryOps
+from .retention import RetentionOps
 from .rewind import RewindOps
 from .rows import (
     RUN_COLUMNS,
@@ -109,7 +110,7 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
 
-class Store(RecoveryOps, RewindOps, abc.ABC):
+class Store(RecoveryOps, RewindOps, RetentionOps, abc.ABC):
     """One database: every read and write the library makes. Obtain one with ``open_store``."""
 
     #: The SQLAlchemy backend name this class serves.
@@ -667,6 +668,8 @@ class Store(RecoveryOps, RewindOps, abc.ABC):
         ``unpriced_output`` / ``unpriced_cached``: tokens of records without a cost.
         ``run_ids`` keeps only those runs' records. With ``bucket_seconds`` the sums are
         also per time bucket: ``bucket`` is the start of the record's bucket in epoch seconds.
+        Usage of pruned runs comes from the daily rollups (``run`` None), except for a
+        ``run_id`` / ``run_ids`` read.
         """
         unpriced = UsageRow.cost_usd.is_(None)
         keyed = {k: _USAGE_GROUPS[k] for k in dict.fromkeys([*by, "model"])}
@@ -696,7 +699,13 @@ class Store(RecoveryOps, RewindOps, abc.ABC):
         if run_ids is not None:
             q = q.where(UsageRow.run_id.in_(list(run_ids)))
         async with self.connect() as conn:
-            return [dict(r._mapping) for r in await conn.execute(q)]
+            live = [dict(r._mapping) for r in await conn.execute(q)]
+        if run_id or run_ids is not None:
+            return live  # pruned runs are gone, and so is their per-run usage
+        # Pruned runs' usage lives on in the daily rollups (``Store.prune``).
+        return live + await self.rollup_totals(
+            by, pipeline=pipeline, since=since, bucket_seconds=bucket_seconds
+        )
 
 
 _RUN_COUNT_GROUPS = {"status": RunRow.status, "pipeline": RunRow.pipeline, "queue": RunRow.queue}

@@ -49,6 +49,7 @@ from .records import (
     run_from_mapping,
     utcnow,
 )
+from .retention import PruneFilter
 from .rows import fence_error
 from .tables import SCHEMA_REVISION
 
@@ -304,6 +305,23 @@ class PostgresStore(Store):
         self.statements += 1
         with self.in_use(), self.driver_errors():
             return await self._writers.fetchrow(statement, params, timeout or COMMAND_TIMEOUT)
+
+    async def _get_run_or_none(self, run_id: str) -> RunRecord | None:
+        # On a writer connection: every execution reads its run, and a pool checkout through
+        # SQLAlchemy (with its ping) cost more than the read (see the module docstring).
+        row = await self._fetch(sql.GET_RUN, run_id)
+        return None if row is None else run_from_mapping(row)
+
+    async def _prune_once(self, which: PruneFilter, batch: int) -> int:
+        # One statement per batch on a writer connection (its own short transaction).
+        row = await self._fetch(
+            sql.PRUNE_BATCH,
+            sorted(str(s) for s in which.statuses),
+            which.before,
+            list(which.pipelines),
+            batch,
+        )
+        return int(row["n"])
 
     async def _fenced(
         self, lease: Lease, statement: str, n_events: int, *params: Any, timeout: float | None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from .._vocab import RESTARTABLE_RUN_STATUSES, EventKind, RunStatus, sql_list
 from .records import STEP_FIELDS, USAGE_FIELDS
-from .tables import EventRow, RunRow, StateRow, StepRow, UsageRow
+from .tables import EventRow, RunRow, StateRow, StepRow, UsageDailyRow, UsageRow
 
 RUNS = RunRow.__tablename__
 STEPS = StepRow.__tablename__
 EVENTS = EventRow.__tablename__
 STATE = StateRow.__tablename__
 USAGE = UsageRow.__tablename__
+USAGE_DAILY = UsageDailyRow.__tablename__
 
 
 def takeover_rule(now: str, dead_token: str) -> str:
@@ -154,6 +155,9 @@ RECORD_USAGE = f"WITH {_fence()}, {_usage(5)} SELECT event_seq FROM fence"
 #: Extend the lease ($5 the new expiry) while it holds.
 EXTEND_LEASE = f"WITH {_fence(', lease_expires_at = $5')} SELECT event_seq FROM fence"
 
+#: Run $1 as stored.
+GET_RUN = f"SELECT * FROM {RUNS} WHERE run_id = $1"
+
 #: Read the fence's inputs: is the run still running under this token?
 LEASE_STATE = f"SELECT status, lease_token FROM {RUNS} WHERE run_id = $1"
 
@@ -210,4 +214,46 @@ SQLITE_TAKE_OVER = (
     f"input_hash = COALESCE(input_hash, :input_hash) "
     f"WHERE run_id = :run_id AND pipeline = :pipeline AND {same_input(':input_hash')} "
     f"AND {takeover_rule(':now', ':dead_token')} RETURNING *"
+)
+
+_ROLLUP_SUMS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "records",
+    "lost_tokens",
+    "recorded_cost",
+    "unpriced_input",
+    "unpriced_output",
+    "unpriced_cached",
+)
+_ROLLED = ", ".join(f"{c} = d.{c} + EXCLUDED.{c}" for c in _ROLLUP_SUMS)
+
+#: One retention batch, one statement: pick up to $4 runs in statuses $1 that ended before $2
+#: (of pipelines $3, all if empty), skipping locked rows; add their usage to the daily rollups
+#: (``retention.epoch_day``'s UTC days) and delete them with every row recorded for them.
+PRUNE_BATCH = (
+    f"WITH picked AS (SELECT run_id, pipeline FROM {RUNS} WHERE status = ANY($1::text[]) "
+    f"AND finished_at < $2 AND (cardinality($3::text[]) = 0 OR pipeline = ANY($3::text[])) "
+    f"ORDER BY finished_at LIMIT $4 FOR UPDATE SKIP LOCKED), "
+    f"rolled AS (INSERT INTO {USAGE_DAILY} AS d (day, pipeline, model, "
+    f"{', '.join(_ROLLUP_SUMS)}) "
+    f"SELECT (floor(extract(epoch FROM u.created_at) / 86400) * 86400)::bigint, p.pipeline, "
+    f"coalesce(u.model, ''), sum(u.requests), sum(u.input_tokens), sum(u.output_tokens), "
+    f"sum(u.cached_tokens), sum(u.reasoning_tokens), sum(u.total_tokens), count(*), "
+    f"sum(CASE WHEN u.lost THEN u.total_tokens ELSE 0 END), coalesce(sum(u.cost_usd), 0), "
+    f"sum(CASE WHEN u.cost_usd IS NULL THEN u.input_tokens ELSE 0 END), "
+    f"sum(CASE WHEN u.cost_usd IS NULL THEN u.output_tokens ELSE 0 END), "
+    f"sum(CASE WHEN u.cost_usd IS NULL THEN u.cached_tokens ELSE 0 END) "
+    f"FROM {USAGE} u JOIN picked p ON p.run_id = u.run_id GROUP BY 1, 2, 3 "
+    f"ON CONFLICT (day, pipeline, model) DO UPDATE SET {_ROLLED}), "
+    + ", ".join(
+        f"d_{t} AS (DELETE FROM {t} x USING picked p WHERE x.run_id = p.run_id)"
+        for t in (USAGE, STEPS, EVENTS, STATE)
+    )
+    + f", gone AS (DELETE FROM {RUNS} r USING picked p WHERE r.run_id = p.run_id RETURNING 1) "
+    f"SELECT count(*) AS n FROM gone"
 )

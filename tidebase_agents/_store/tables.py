@@ -33,7 +33,7 @@ from .._errors import CheckpointSerializationError
 from .._vocab import ACTIVE_RUN_STATUSES, ReplayPolicy, sql_list
 
 #: Alembic revision the models correspond to; a database at another revision is not migrated.
-SCHEMA_REVISION = "0008_recovery"
+SCHEMA_REVISION = "0011_retention"
 VERSION_TABLE = "tidebase_alembic_version"
 
 _ACTIVE_DEDUPE = text(f"dedupe_key IS NOT NULL AND status IN {sql_list(ACTIVE_RUN_STATUSES)}")
@@ -137,7 +137,8 @@ class RunRow(Base):
         Index("ix_tidebase_runs_created", "created_at", "run_id"),
         Index("ix_tidebase_runs_status_created", "status", "created_at", "run_id"),
         Index("ix_tidebase_runs_lease_expires", "status", "lease_expires_at"),
-        Index("ix_tidebase_runs_claim", "queue", "status", "priority", "scheduled_at"),
+        # Retention finds ended runs by when they ended (Store.prune).
+        Index("ix_tidebase_runs_status_finished", "status", "finished_at"),
         Index(
             "uq_tidebase_runs_active_dedupe",
             "queue",
@@ -147,6 +148,18 @@ class RunRow(Base):
             sqlite_where=_ACTIVE_DEDUPE,
         ),
     )
+
+
+# Claims walk this index in their order (highest priority, then earliest due, then oldest)
+# and stop at the first due run, so a claim costs the same however deep the queue is.
+Index(
+    "ix_tidebase_runs_claim",
+    RunRow.queue,
+    RunRow.status,
+    RunRow.priority.desc(),
+    RunRow.scheduled_at,
+    RunRow.created_at,
+)
 
 
 class StepRow(Base):
@@ -231,6 +244,31 @@ class UsageRow(Base):
         UniqueConstraint("run_id", "dedupe_key", name="uq_tidebase_usage_run_dedupe"),
         Index("ix_tidebase_usage_model", "model"),
     )
+
+
+class UsageDailyRow(Base):
+    """Usage of pruned runs, summed per UTC day, pipeline and model, so usage totals outlive
+    the runs (``Store.prune``). ``day`` is the day's start in epoch seconds; ``model`` is
+    ``''`` for records without one (a key column cannot be NULL)."""
+
+    __tablename__ = "tidebase_usage_daily"
+
+    day: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    pipeline: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    total_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    records: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    lost_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: The sum of the costs the records carried; tokens of records without one are below.
+    recorded_cost: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    unpriced_input: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    unpriced_output: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    unpriced_cached: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 #: The library's tables (the Alembic version table aside).
