@@ -80,6 +80,7 @@ def test_worker_options_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         "RETRY_BACKOFF": "3",
         "MAX_BACKOFF": "60",
         "LISTEN": "off",
+        "RECOVER_INTERVAL": "0.25",
     }
     for option, value in env.items():
         monkeypatch.setenv(f"TIDEBASE_WORKER_{option}", value)
@@ -96,6 +97,7 @@ def test_worker_options_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         retry_backoff=3.0,
         max_backoff=60.0,
         listen=False,
+        recover_interval=0.25,
     )
     # Explicit options win; a plain WorkerOptions reads no environment.
     assert WorkerOptions.from_env(concurrency=2, listen=True).concurrency == 2
