@@ -333,9 +333,10 @@ async def test_three_workers_fifty_runs_one_killed(calls_table: str, tmp_path: P
                 if e.kind in ("lease_taken_over", "run_requeued")
             ]
             assert victim_tag in recovered[0].data["previous_owner"]
-        # The victim did real work before it hung, and so did the others.
+        # The victim did real work before it hung, and so did the others (not exactly three
+        # runs: under load a 2 s lease can lapse, and any worker may adopt such a run).
         finishers = Counter([(await executors(store, r))[-1].split(":")[2] for r in ids])
-        assert finishers[str(victim.pid)] == 3
+        assert finishers[str(victim.pid)] >= 1
         assert len(finishers) == 3
     finally:
         for proc in [victim, *others]:

@@ -266,8 +266,8 @@ class Store(RecoveryOps, RewindOps, RetentionOps, abc.ABC):
         the claim becomes the execution's lease.
 
         A run whose holder is provably dead (:meth:`dead_holder`) is taken over at once, its
-        lease live or not (P3). Raises ``RunLocked`` while another, live executor's lease is
-        live, ``RunFailed`` /
+        lease live or not (P3). Raises ``RunLocked`` while another executor that may be alive
+        holds a live lease, ``RunFailed`` /
         ``RunCancelled`` for runs that ended so, ``RunConflict`` if the id belongs to another
         pipeline or was recorded with other arguments. Loads every checkpoint in one query (R8).
         """
