@@ -100,14 +100,20 @@ async def server_version(url: str) -> str:
 
 @dataclass
 class Timing:
-    """Iterations actually run and their mean wall time."""
+    """Iterations actually run, their total wall time and the process's CPU time over them
+    (every thread of the client process: driver threads and in-process SQLite included)."""
 
     n: int
     total_s: float
+    cpu_s: float = 0.0
 
     @property
     def mean_us(self) -> float:
         return self.total_s / self.n * 1e6 if self.n else float("nan")
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s / self.n * 1e6 if self.n else float("nan")
 
 
 async def timed_loop(
@@ -126,14 +132,25 @@ async def timed_loop(
     for _ in range(warmup):
         await fn()
     done = 0
+    cpu = time.process_time()
     start = time.perf_counter()
     while done < n:
         await fn()
         done += 1
         if done >= min_n and time.perf_counter() - start > budget_s:
             break
-    return Timing(done, time.perf_counter() - start)
+    return Timing(done, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def quartiles(values: list[float]) -> tuple[float, float] | None:
+    """(p25, p75) of ``values`` (the values themselves when fewer than 4)."""
+    if not values:
+        return None
+    if len(values) < 4:
+        return min(values), max(values)
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
+import statistics
 import sys
 import time
 import traceback
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ours, workload
-from bench.common import asyncpg_dsn, emit, payload_1kb, timed_loop
+from bench.common import asyncpg_dsn, emit, payload_1kb, quartiles, timed_loop
 
 Params = dict[str, Any]
 Config = Callable[[Params], Coroutine[Any, Any, dict[str, Any]]]
@@ -48,15 +50,51 @@ async def run_checked(pipeline: Pipeline) -> None:
         raise AssertionError(f"pipeline returned {out!r}, expected {workload.DRAFT!r}")
 
 
-async def sequential(pipeline: Pipeline, params: Params) -> dict[str, Any]:
-    """Mean wall time of one pipeline, run back to back after a warm-up."""
-    timing = await timed_loop(
-        partial(run_checked, pipeline),
-        n=params["n_pipelines"],
-        warmup=params["warmup"],
-        budget_s=params["budget_s"],
-    )
-    return {"per_pipeline_us": timing.mean_us, "n": timing.n}
+async def side_by_side(pipelines: dict[str, Pipeline], params: Params) -> dict[str, Any]:
+    """Wall and CPU time of one pipeline of each of ``pipelines``, measured side by side in one
+    process: rounds of ``batch`` pipelines of each in turn (the order alternating per round), after
+    a warm-up, until ``n_pipelines`` of each have run or ``budget_s`` has passed (at least 3
+    rounds). Figures per label: ``{label}_us`` and ``{label}_cpu_us`` (means over rounds), and
+    ``{label}_us_p25`` / ``_p75`` (over rounds)."""
+    batch, n = int(params["batch"]), int(params["n_pipelines"])
+    labels = list(pipelines)
+    for label in labels:
+        for _ in range(params["warmup"]):
+            await run_checked(pipelines[label])
+    walls: dict[str, list[float]] = {label: [] for label in labels}
+    cpus: dict[str, list[float]] = {label: [] for label in labels}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds * batch < n:
+        for label in labels if rounds % 2 == 0 else labels[::-1]:
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(batch):
+                await run_checked(pipelines[label])
+            walls[label].append((time.perf_counter() - wall) / batch * 1e6)
+            cpus[label].append((time.process_time() - cpu) / batch * 1e6)
+        rounds += 1
+        if rounds >= 3 and time.perf_counter() - start > params["budget_s"]:
+            break
+    figures: dict[str, Any] = {"n": rounds * batch}
+    for label in labels:
+        for suffix, values in (("us", walls[label]), ("cpu_us", cpus[label])):
+            figures[f"{label}_{suffix}"] = statistics.fmean(values)
+            figures[f"{label}_{suffix}_p25"], figures[f"{label}_{suffix}_p75"] = quartiles(values)
+    return figures
+
+
+async def with_bare(pipeline: Pipeline, params: Params) -> dict[str, Any]:
+    """``pipeline`` side by side with the bare one: its time, and what it adds per pipeline
+    (``overhead_us``, ``cpu_overhead_us``; p25/p75 over rounds of the per-round difference)."""
+    figures = await side_by_side({"bare": workload.bare_pipeline(), "ours": pipeline}, params)
+    out: dict[str, Any] = {"n": figures["n"]}
+    for suffix in ("us", "cpu_us"):
+        out[f"per_pipeline_{suffix}"] = figures[f"ours_{suffix}"]
+        out[f"bare_per_pipeline_{suffix}"] = figures[f"bare_{suffix}"]
+        out[f"overhead_{suffix}"] = figures[f"ours_{suffix}"] - figures[f"bare_{suffix}"]
+        out[f"per_pipeline_{suffix}_p25"] = figures[f"ours_{suffix}_p25"]
+        out[f"per_pipeline_{suffix}_p75"] = figures[f"ours_{suffix}_p75"]
+    return out
 
 
 async def throughput(pipeline: Pipeline, params: Params) -> dict[str, Any]:
@@ -78,12 +116,14 @@ async def throughput(pipeline: Pipeline, params: Params) -> dict[str, Any]:
     for level in params["conc_levels"]:
         await asyncio.gather(*(run_checked(pipeline) for _ in range(level)))
         progress.update(started=0, completed=0)
+        cpu = time.process_time()
         start = time.perf_counter()
-        deadline = start + params["budget_s"]
+        deadline = start + params["conc_budget_s"]
         await asyncio.gather(*(worker(deadline) for _ in range(level)))
         elapsed = time.perf_counter() - start
         completed = progress["completed"]
         figures[f"pps_{level}"] = completed / elapsed
+        figures[f"cpu_per_pipeline_us_{level}"] = (time.process_time() - cpu) / completed * 1e6
         figures[f"n_{level}"] = completed
     return figures
 
@@ -126,15 +166,20 @@ class StatementCounter:
 
 
 async def bare(params: Params) -> dict[str, Any]:
-    return await sequential(workload.bare_pipeline(), params)
+    figures = await side_by_side({"bare": workload.bare_pipeline()}, params)
+    return {
+        "n": figures["n"],
+        "per_pipeline_us": figures["bare_us"],
+        "per_pipeline_cpu_us": figures["bare_cpu_us"],
+    }
 
 
 async def ours_pg(params: Params) -> dict[str, Any]:
-    return await sequential(ours.make_pipeline(ours_url(params, "pg")), params)
+    return await with_bare(ours.make_pipeline(ours_url(params, "pg")), params)
 
 
 async def ours_sqlite(params: Params) -> dict[str, Any]:
-    return await sequential(ours.make_pipeline(ours_url(params, "sqlite")), params)
+    return await with_bare(ours.make_pipeline(ours_url(params, "sqlite")), params)
 
 
 async def _dbos(params: Params, system_database_url: str, measure: Config) -> dict[str, Any]:
@@ -154,14 +199,14 @@ def _dbos_sqlite_url(params: Params) -> str:
 async def dbos_pg(params: Params) -> dict[str, Any]:
     from bench import dbos_pipeline
 
-    measure = partial(sequential, dbos_pipeline.research)
+    measure = partial(with_bare, dbos_pipeline.research)
     return await _dbos(params, params["dbos_pg_url"], measure)
 
 
 async def dbos_sqlite(params: Params) -> dict[str, Any]:
     from bench import dbos_pipeline
 
-    measure = partial(sequential, dbos_pipeline.research)
+    measure = partial(with_bare, dbos_pipeline.research)
     return await _dbos(params, _dbos_sqlite_url(params), measure)
 
 
@@ -223,6 +268,23 @@ async def floor_sqlite(params: Params) -> dict[str, Any]:
             )
             figures[label] = timing.mean_us
             figures["n"] = timing.n
+    # The same through the stdlib driver on the calling thread (no aiosqlite thread hop): the
+    # library's own write path.
+    direct = sqlite3.connect(sqlite_path(params, "floor.sqlite"), isolation_level=None)
+    try:
+        direct.execute("PRAGMA synchronous=NORMAL")
+
+        async def insert_direct() -> None:
+            direct.execute("BEGIN IMMEDIATE")
+            direct.execute("INSERT INTO bench_floor (body) VALUES (?)", (body,))
+            direct.execute("COMMIT")
+
+        timing = await timed_loop(
+            insert_direct, n=params["n_floor"], warmup=params["warmup"], budget_s=params["budget_s"]
+        )
+        figures["insert_commit_direct_normal_us"] = timing.mean_us
+    finally:
+        direct.close()
     return figures
 
 
@@ -252,11 +314,13 @@ async def _steps(params: Params, db: str) -> dict[str, Any]:
 
     kinds = {"empty": (0, False), "trivial": (n_steps, False), "side_effect": (n_steps, True)}
     totals = dict.fromkeys(kinds, 0.0)
+    cpu_totals = dict.fromkeys(kinds, 0.0)
     try:
         for rnd in range(params["step_runs"] + 1):  # round 0 is the warm-up
             for kind, (steps, side_effects) in kinds.items():
                 inp = {"steps": steps, "side_effects": side_effects}
                 run_id = f"bench-steps-{kind}-{uuid.uuid4().hex}"
+                cpu = time.process_time()
                 start = time.perf_counter()
                 result = await tide.run("bench-steps", body, run_id=run_id, input=inp)
                 elapsed = time.perf_counter() - start
@@ -264,12 +328,16 @@ async def _steps(params: Params, db: str) -> dict[str, Any]:
                     raise AssertionError(f"run returned {result!r}, expected {steps}")
                 if rnd:
                     totals[kind] += elapsed
+                    cpu_totals[kind] += time.process_time() - cpu
         sync_mode = await sqlite_synchronous(ours.library_engine(tide)) if db == "sqlite" else None
     finally:
         await ours.close_tidebase(tide)
     runs = params["step_runs"]
     mean_run_us = {kind: total / runs * 1e6 for kind, total in totals.items()}
+    cpu_run_us = {kind: total / runs * 1e6 for kind, total in cpu_totals.items()}
     return {
+        "trivial_step_cpu_us": (cpu_run_us["trivial"] - cpu_run_us["empty"]) / n_steps,
+        "side_effect_step_cpu_us": (cpu_run_us["side_effect"] - cpu_run_us["empty"]) / n_steps,
         "empty_run_us": mean_run_us["empty"],
         "trivial_step_us": (mean_run_us["trivial"] - mean_run_us["empty"]) / n_steps,
         "side_effect_step_us": (mean_run_us["side_effect"] - mean_run_us["empty"]) / n_steps,

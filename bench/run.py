@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,32 +48,6 @@ RESUME_STEPS = 1000  # fixed: the summary keys are named after it
 LEASE_SECONDS = 2.0
 LEASE_MARGIN_S = 0.5
 
-# Run order within one repeat. Each entry is one fresh process (resume: two).
-CONFIG_ORDER = [
-    "bare",
-    "ours_pg",
-    "ours_sqlite",
-    "dbos_pg",
-    "dbos_sqlite",
-    "floor_pg",
-    "floor_sqlite",
-    "steps_pg",
-    "steps_sqlite",
-    "resume_pg",
-    "resume_sqlite",
-    "conc_bare",
-    "conc_ours_pg",
-    "conc_ours_sqlite",
-    "conc_dbos_pg",
-    "recovery_pg",
-    "recovery_dbos_pg",
-]
-PG_CONFIGS = {c for c in CONFIG_ORDER if c.endswith("_pg")}
-OURS_CONFIGS = {
-    c
-    for c in CONFIG_ORDER
-    if "ours" in c or c.startswith(("steps", "resume")) or c == "recovery_pg"
-}
 PACKAGES = [
     "tidebase-agents",
     "openai-agents",
@@ -133,6 +108,10 @@ class ConfigResult:
             if m is not None:
                 out[key] = m
         return out
+
+    def only(self, repeat: int) -> ConfigResult:
+        """This configuration as if only ``repeat`` (1-based) had run."""
+        return ConfigResult(self.name, [r for r in self.repeats if r.get("repeat") == repeat])
 
     def spread(self, key: str) -> tuple[float, float] | None:
         values = [v for f in self.ok_figures() if (v := flatten(f).get(key)) is not None]
@@ -206,8 +185,9 @@ def run_resume(db: str, params: dict[str, Any], timeout_s: float) -> dict[str, A
 
 
 def run_config(name: str, settings: Settings) -> dict[str, Any]:
-    if name.startswith("resume_"):
-        return run_resume(name.removeprefix("resume_"), settings.params, settings.child_timeout_s)
+    runner = RUNNERS.get(name)
+    if runner is not None:
+        return runner(name, settings)
     return run_child(name, settings.params, settings.child_timeout_s)
 
 
@@ -333,51 +313,85 @@ def machine_info(params: dict[str, Any]) -> dict[str, Any]:
 
 
 Summary = dict[str, float | str | None]
+#: ``med(config, key)``: the median over repeats of one figure of one configuration, or None.
+Medians = Callable[[str, str], float | None]
+#: Runs one repeat of a configuration that needs more than one process.
+Runner = Callable[[str, "Settings"], dict[str, Any]]
 
 
-def summarize(results: dict[str, ConfigResult]) -> Summary:
-    """The headline figures (see bench/README.md for their definitions)."""
+def _diff(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
 
-    def med(config: str, key: str) -> float | None:
-        result = results.get(config)
-        return result.medians().get(key) if result else None
 
-    def diff(a: float | None, b: float | None) -> float | None:
-        return a - b if a is not None and b is not None else None
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
 
-    bare = med("bare", "per_pipeline_us")
-    s: Summary = {"bare_pipeline_us": bare}
+@dataclass(frozen=True)
+class Section:
+    """One part of the benchmark: its configurations, in run order within a repeat (each one
+    fresh process of ``python -m bench.configs NAME``, unless ``runners`` says otherwise), and
+    the summary keys it derives from their medians (it may read other sections' too)."""
+
+    name: str
+    configs: list[str]
+    summarize: Callable[[Medians], Summary]
+    runners: dict[str, Runner] = field(default_factory=dict)
+
+
+def summarize_pipelines(med: Medians) -> Summary:
+    """Per pipeline, ours and DBOS, each measured side by side with the bare SDK in its own
+    process: wall time and the client process's CPU time added."""
+    s: Summary = {"bare_pipeline_us": med("bare", "per_pipeline_us")}
+    s["bare_pipeline_cpu_us"] = med("bare", "per_pipeline_cpu_us")
     for db in ("pg", "sqlite"):
-        ours_us, dbos_us = (
-            med(f"ours_{db}", "per_pipeline_us"),
-            med(f"dbos_{db}", "per_pipeline_us"),
+        ours_cfg, dbos_cfg = f"ours_{db}", f"dbos_{db}"
+        s[f"pipeline_us_{db}"] = med(ours_cfg, "per_pipeline_us")
+        s[f"pipeline_overhead_us_{db}"] = med(ours_cfg, "overhead_us")
+        s[f"dbos_pipeline_us_{db}"] = med(dbos_cfg, "per_pipeline_us")
+        s[f"dbos_pipeline_overhead_us_{db}"] = med(dbos_cfg, "overhead_us")
+        s[f"overhead_ratio_vs_dbos_{db}"] = _ratio(
+            med(ours_cfg, "overhead_us"), med(dbos_cfg, "overhead_us")
         )
-        s[f"pipeline_us_{db}"] = ours_us
-        s[f"pipeline_overhead_us_{db}"] = diff(ours_us, bare)
-        s[f"dbos_pipeline_us_{db}"] = dbos_us
-        s[f"dbos_pipeline_overhead_us_{db}"] = diff(dbos_us, bare)
-        s[f"overhead_ratio_vs_dbos_{db}"] = ratio(diff(ours_us, bare), diff(dbos_us, bare))
+        s[f"cpu_overhead_us_{db}"] = med(ours_cfg, "overhead_cpu_us")
+        s[f"dbos_cpu_overhead_us_{db}"] = med(dbos_cfg, "overhead_cpu_us")
+        s[f"cpu_overhead_ratio_vs_dbos_{db}"] = _ratio(
+            med(ours_cfg, "overhead_cpu_us"), med(dbos_cfg, "overhead_cpu_us")
+        )
+    return s
+
+
+def summarize_floors(med: Medians) -> Summary:
+    return {
+        "floor_pg_insert_commit_us": med("floor_pg", "insert_commit_us"),
+        "floor_pg_select1_us": med("floor_pg", "select1_us"),
+        "floor_sqlite_insert_commit_us": med("floor_sqlite", "insert_commit_us"),
+        "floor_sqlite_insert_commit_normal_us": med("floor_sqlite", "insert_commit_normal_us"),
+        "floor_sqlite_direct_insert_commit_normal_us": med(
+            "floor_sqlite", "insert_commit_direct_normal_us"
+        ),
+    }
+
+
+def summarize_steps(med: Medians) -> Summary:
+    """Explicit steps over the commit floor (SQLite's at the library's own ``synchronous``)."""
     floor_pg = med("floor_pg", "insert_commit_us")
-    s["floor_pg_insert_commit_us"] = floor_pg
-    s["floor_pg_select1_us"] = med("floor_pg", "select1_us")
-    floor_full = med("floor_sqlite", "insert_commit_us")
-    floor_normal = med("floor_sqlite", "insert_commit_normal_us")
-    s["floor_sqlite_insert_commit_us"] = floor_full
-    s["floor_sqlite_insert_commit_normal_us"] = floor_normal
-    # The SQLite floor is the one at the library's own durability setting (PRAGMA synchronous).
     normal = med("steps_sqlite", "sqlite_synchronous") == 1
-    s["floor_sqlite_synchronous"] = "NORMAL" if normal else "FULL"
-    floor_sqlite = floor_normal if normal else floor_full
+    floor_sqlite = med("floor_sqlite", "insert_commit_normal_us" if normal else "insert_commit_us")
+    s: Summary = {"floor_sqlite_synchronous": "NORMAL" if normal else "FULL"}
     for db, floor, suffix in (("pg", floor_pg, ""), ("sqlite", floor_sqlite, "_sqlite")):
         step = med(f"steps_{db}", "trivial_step_us")
         side = med(f"steps_{db}", "side_effect_step_us")
         s[f"step_us_{db}"] = step
+        s[f"step_cpu_us_{db}"] = med(f"steps_{db}", "trivial_step_cpu_us")
         s[f"side_effect_step_us_{db}"] = side
-        s[f"step_overhead_vs_commit_floor{suffix}"] = ratio(step, floor)
-        s[f"side_effect_step_overhead_vs_commit_floor{suffix}"] = ratio(side, floor)
+        s[f"step_overhead_vs_commit_floor{suffix}"] = _ratio(step, floor)
+        s[f"side_effect_step_overhead_vs_commit_floor{suffix}"] = _ratio(side, floor)
+    return s
+
+
+def summarize_resume(med: Medians) -> Summary:
+    s: Summary = {}
     n = RESUME_STEPS
     for db, suffix in (("pg", ""), ("sqlite", "_sqlite")):
         config = f"resume_{db}"
@@ -386,6 +400,11 @@ def summarize(results: dict[str, ConfigResult]) -> Summary:
         s[f"resume_{n}_complete_round_trips{suffix}"] = med(config, "statements_to_complete")
         s[f"resume_{n}_complete_ms{suffix}"] = med(config, "ms_to_complete")
         s[f"first_use_ms{suffix or '_pg'}"] = med(config, "first_use_ms")
+    return s
+
+
+def summarize_concurrency(med: Medians) -> Summary:
+    s: Summary = {}
     for level in (16, 64):
         bare_pps = med("conc_bare", f"pps_{level}")
         s[f"bare_pps_{level}"] = bare_pps
@@ -394,10 +413,81 @@ def summarize(results: dict[str, ConfigResult]) -> Summary:
             ("conc_ours_sqlite", f"throughput_ratio_{level}_sqlite"),
             ("conc_dbos_pg", f"dbos_throughput_ratio_{level}"),
         ):
-            s[key] = ratio(med(config, f"pps_{level}"), bare_pps)
-    s["recovery_after_kill_ms"] = med("recovery_pg", "recovery_after_kill_ms")
-    s["dbos_launch_to_recovery_ms"] = med("recovery_dbos_pg", "dbos_launch_to_recovery_ms")
+            s[key] = _ratio(med(config, f"pps_{level}"), bare_pps)
     return s
+
+
+def summarize_recovery(med: Medians) -> Summary:
+    """SIGKILL of a worker holding a run until another worker resumed it; DBOS's launch to
+    recovery of a crashed workflow."""
+    return {
+        "recovery_after_kill_ms": med("recovery_pg", "recovery_after_kill_ms"),
+        "dbos_launch_to_recovery_ms": med("recovery_dbos_pg", "dbos_launch_to_recovery_ms"),
+    }
+
+
+def _run_resume(name: str, settings: Settings) -> dict[str, Any]:
+    return run_resume(name.removeprefix("resume_"), settings.params, settings.child_timeout_s)
+
+
+#: Every part of the benchmark, in run order. A new part: a Section here (its configurations
+#: registered in bench/configs.py's CONFIGS), and its keys documented in bench/README.md.
+SECTIONS: list[Section] = [
+    Section(
+        "pipelines",
+        ["bare", "ours_pg", "ours_sqlite", "dbos_pg", "dbos_sqlite"],
+        summarize_pipelines,
+    ),
+    Section("floors", ["floor_pg", "floor_sqlite"], summarize_floors),
+    Section("steps", ["steps_pg", "steps_sqlite"], summarize_steps),
+    Section(
+        "resume",
+        ["resume_pg", "resume_sqlite"],
+        summarize_resume,
+        runners={"resume_pg": _run_resume, "resume_sqlite": _run_resume},
+    ),
+    Section(
+        "concurrency",
+        ["conc_bare", "conc_ours_pg", "conc_ours_sqlite", "conc_dbos_pg"],
+        summarize_concurrency,
+    ),
+    Section("recovery", ["recovery_pg", "recovery_dbos_pg"], summarize_recovery),
+]
+CONFIG_ORDER = [config for section in SECTIONS for config in section.configs]
+RUNNERS = {name: run for section in SECTIONS for name, run in section.runners.items()}
+PG_CONFIGS = {c for c in CONFIG_ORDER if c.endswith("_pg")}
+OURS_CONFIGS = {
+    c
+    for c in CONFIG_ORDER
+    if "ours" in c or c.startswith(("steps", "resume")) or c == "recovery_pg"
+}
+
+
+def summarize(results: dict[str, ConfigResult]) -> Summary:
+    """The headline figures of every section (see bench/README.md for their definitions)."""
+
+    def med(config: str, key: str) -> float | None:
+        result = results.get(config)
+        return result.medians().get(key) if result else None
+
+    summary: Summary = {}
+    for section in SECTIONS:
+        summary.update(section.summarize(med))
+    return summary
+
+
+def summary_spread(results: dict[str, ConfigResult], repeats: int) -> dict[str, list[float]]:
+    """Each numeric summary key's [min, max] over the repeats, each repeat summarized alone."""
+    per_repeat = [
+        summarize({name: result.only(repeat) for name, result in results.items()})
+        for repeat in range(1, repeats + 1)
+    ]
+    spread: dict[str, list[float]] = {}
+    for key in per_repeat[0] if per_repeat else ():
+        values = [v for s in per_repeat if isinstance(v := s.get(key), int | float)]
+        if values:
+            spread[key] = [min(values), max(values)]
+    return spread
 
 
 def fmt(value: float | str | None) -> str:
@@ -412,7 +502,9 @@ def fmt(value: float | str | None) -> str:
     return f"{value:.3g}"
 
 
-def print_table(results: dict[str, ConfigResult], summary: Summary) -> None:
+def print_table(
+    results: dict[str, ConfigResult], summary: Summary, spread: dict[str, list[float]]
+) -> None:
     rows: list[tuple[str, str, str, str, str]] = []
     for name, result in results.items():
         status = result.status()
@@ -425,8 +517,8 @@ def print_table(results: dict[str, ConfigResult], summary: Summary) -> None:
             if key.rsplit(".", 1)[-1] in HIDDEN_METRICS or key == "died_at":
                 continue
             lo_hi = result.spread(key)
-            spread = f"{fmt(lo_hi[0])} .. {fmt(lo_hi[1])}" if lo_hi else ""
-            rows.append((name, label, key, fmt(value), spread))
+            span = f"{fmt(lo_hi[0])} .. {fmt(lo_hi[1])}" if lo_hi else ""
+            rows.append((name, label, key, fmt(value), span))
             name, label = "", ""
     headers = ("config", "status", "metric", "median", "min .. max")
     widths = [
@@ -442,10 +534,12 @@ def print_table(results: dict[str, ConfigResult], summary: Summary) -> None:
         print("\nerrors:")
         for name, error in errors:
             print(f"  {name}: {error[:300]}")
-    print("\nsummary:")
+    print("\nsummary (median; min .. max over repeats):")
     key_width = max(len(k) for k in summary)
     for key, headline in summary.items():
-        print(f"  {key.ljust(key_width)}  {fmt(headline)}")
+        lo_hi = spread.get(key)
+        extra = f"  ({fmt(lo_hi[0])} .. {fmt(lo_hi[1])})" if lo_hi else ""
+        print(f"  {key.ljust(key_width)}  {fmt(headline)}{extra}")
 
 
 # --------------------------------------------------------------------------- main
@@ -469,9 +563,11 @@ def build_settings(args: argparse.Namespace, work_dir: str) -> Settings:
         "pg_url": base_url,
         "dbos_pg_url": with_database(base_url, database_name(base_url) + "_dbos"),
         "work_dir": work_dir,
-        "n_pipelines": 40 if quick else 100,
+        "n_pipelines": 60 if quick else 300,
+        "batch": 10 if quick else 20,
         "warmup": 5 if quick else 10,
-        "budget_s": 2.0 if quick else 4.0,
+        "budget_s": 2.0 if quick else 8.0,
+        "conc_budget_s": 2.0 if quick else 4.0,
         "n_floor": 200 if quick else 500,
         "steps": 100,
         "step_runs": 2 if quick else 3,
@@ -558,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     summary = summarize(results)
+    spread = summary_spread(results, settings.repeats)
     if not args.no_scale:
         from bench import scale  # cost flat as work grows (bench/scale.py), PostgreSQL only
 
@@ -565,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.perf_counter() - started
     document: dict[str, Any] = {
         **summary,
+        "spread": spread,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": round(wall_s, 1),
         "load_average_at_end": load_average(),
@@ -590,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, result in results.items()
         },
     }
-    print_table(results, summary)
+    print_table(results, summary, spread)
     write_json(args.output, document)
     print(f"\nwrote {args.output} in {wall_s:.0f}s", file=sys.stderr)
     failed = any(r.status() != "ok" for r in results.values())

@@ -14,9 +14,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ._errors import ConfigurationError
+from ._vocab import SQLiteSynchronous, parse
 
 ENV_URL = "TIDEBASE_DATABASE_URL"
 ENV_SCHEMA = "TIDEBASE_SCHEMA"
+ENV_SQLITE_SYNCHRONOUS = "TIDEBASE_SQLITE_SYNCHRONOUS"
 DEFAULT_SQLITE_FILE = "tidebase.db"
 #: The PostgreSQL schema holding the library's tables when none is configured.
 DEFAULT_SCHEMA = "tidebase"
@@ -128,14 +130,15 @@ def _parse_list(text: str) -> list[str]:
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "float": float,
     "int": int,
+    "str": str,
     "bool": _parse_bool,
     "list": _parse_list,
 }
 
 
 def env_setting(name: str, kind: str) -> Any:
-    """The value of environment variable ``name`` parsed as ``kind`` (float, int, bool, or
-    list: comma-separated), or None when it is unset or empty."""
+    """The value of environment variable ``name`` parsed as ``kind`` (float, int, bool, str,
+    or list: comma-separated), or None when it is unset or empty."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
@@ -151,3 +154,12 @@ def setting(value: T | None, env: str, kind: str, default: T) -> T:
         return value
     from_env = env_setting(env, kind)
     return default if from_env is None else from_env
+
+
+def resolve_synchronous(value: SQLiteSynchronous | str | None = None) -> SQLiteSynchronous:
+    """How an embedded database commits: ``value``, else ``$TIDEBASE_SQLITE_SYNCHRONOUS``,
+    else ``NORMAL`` (case-insensitive)."""
+    chosen = setting(value, ENV_SQLITE_SYNCHRONOUS, "str", None)
+    if chosen is None:
+        return SQLiteSynchronous.NORMAL
+    return parse(SQLiteSynchronous, str(chosen).upper(), "sqlite_synchronous")

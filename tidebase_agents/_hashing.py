@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ._codec import Walk, unstorable_string
+from ._codec import MAX_DEPTH, Walk, unstorable_string
 from ._errors import CheckpointSerializationError
 
 
@@ -112,7 +112,35 @@ def dumps(value: Any) -> str:
 
 def canonical_json(value: Any, *, what: str = "value") -> str:
     """The canonical JSON text of ``value`` (what its hash is taken over)."""
+    if _plain(value, 0):
+        # Already its own canonical form: most hashed values (agent settings, tool schemas,
+        # model input items) are plain JSON, and checking that is a fraction of the full walk.
+        return dumps(value)
     return dumps(canonical(value, what=what))
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` is plain JSON that :func:`canonical` returns unchanged: exact dicts
+    with string keys, lists, strings, ints, bools, None and finite floats, no deeper than the
+    walk allows (a value that contains itself goes deeper than that)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if depth > MAX_DEPTH:
+        return False
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        for item in value:  # noqa: SIM110 - a loop: all() over a generator is slower here
+            if not _plain(item, depth + 1):
+                return False
+        return True
+    return False
 
 
 def sha256_text(text: str, *, what: str = "value") -> str:

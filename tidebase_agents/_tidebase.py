@@ -11,7 +11,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, overload
 
 from . import _codec, _ids
-from ._config import redact, resolve_database_url, resolve_schema, setting, url_of_engine
+from ._config import (
+    redact,
+    resolve_database_url,
+    resolve_schema,
+    resolve_synchronous,
+    setting,
+    url_of_engine,
+)
 from ._engine import EngineSettings, Run, execute_run
 from ._errors import ConfigurationError
 from ._hashing import sha256_hex
@@ -36,7 +43,7 @@ from ._store import (
 )
 from ._store.queue import DEFAULT_MAX_ATTEMPTS
 from ._store.retention import PRUNE_BATCH, PruneFilter
-from ._vocab import PRUNABLE_RUN_STATUSES, ReviewAction, RunStatus, parse
+from ._vocab import PRUNABLE_RUN_STATUSES, ReviewAction, RunStatus, SQLiteSynchronous, parse
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 (the input of a pipeline function)
@@ -85,7 +92,9 @@ class Tidebase:
     ``tidebase``). Settings left unset come from ``$TIDEBASE_LEASE_SECONDS``,
     ``$TIDEBASE_HEARTBEAT_SECONDS``, ``$TIDEBASE_RETRY_BACKOFF`` and
     ``$TIDEBASE_MAX_PAYLOAD_BYTES``, else their defaults (30 s, a third of the lease, 0.2 s,
-    16 MiB).
+    16 MiB). ``sqlite_synchronous`` (default ``$TIDEBASE_SQLITE_SYNCHRONOUS``, else ``NORMAL``)
+    is how an embedded database commits: ``NORMAL`` survives a crash of the process, ``FULL``
+    also a loss of power, at a disk flush per commit.
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class Tidebase:
         heartbeat_seconds: float | None = None,
         retry_backoff: float | None = None,
         max_payload_bytes: int | None = None,
+        sqlite_synchronous: SQLiteSynchronous | str | None = None,
         owner: str | None = None,
     ) -> None:
         if engine is not None:
@@ -118,6 +128,8 @@ class Tidebase:
             resolve_schema(schema)  # a bad name fails here, not at the first run
         self.database_url = database_url
         self._schema = schema
+        # Resolved here, so a bad value fails at construction, not at the first run.
+        self._sqlite_synchronous = resolve_synchronous(sqlite_synchronous)
         self.settings = EngineSettings(
             lease_seconds=float(lease),
             retry_backoff=float(backoff),
@@ -143,7 +155,9 @@ class Tidebase:
     @property
     def store(self) -> Store:
         """The store for this database on the running event loop."""
-        return get_store(self.database_url, self._schema)
+        return get_store(
+            self.database_url, self._schema, sqlite_synchronous=self._sqlite_synchronous
+        )
 
     def describe(self) -> str:
         """Which database this is, without its password (and, on PostgreSQL, the schema)."""

@@ -120,6 +120,17 @@ class EventKind(Vocab):
     TURN_DROPPED = "turn_dropped"
 
 
+class SQLiteSynchronous(Vocab):
+    """How an embedded database's commits reach the disk (SQLite's ``PRAGMA synchronous``).
+
+    ``NORMAL`` (the default, in WAL mode): a commit survives the process crashing or being
+    killed, not the machine losing power. ``FULL``: a commit also survives power loss, at the
+    cost of waiting for the disk at every commit."""
+
+    NORMAL = "NORMAL"
+    FULL = "FULL"
+
+
 #: Runs that may still be (re)started; at most one per ``(queue, dedupe_key)``.
 ACTIVE_RUN_STATUSES = frozenset(
     {RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.FAILED_RETRYABLE, RunStatus.MANUAL_REVIEW}

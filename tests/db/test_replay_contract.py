@@ -78,8 +78,8 @@ class Writes:
 
     PostgreSQL counts them itself: statement triggers on the tidebase tables log the writing
     transaction's id (``pg_current_xact_id()``) into a side table, read back on another
-    connection; a rolled-back write leaves nothing. On SQLite (reached only through the store's
-    SQLAlchemy engine) each COMMIT event of that engine is one.
+    connection; a rolled-back write leaves nothing. On SQLite each COMMIT of the store's
+    SQLAlchemy engine is one, and each commit of its write path (``writer_commits``).
     """
 
     def __init__(self, tide: Tidebase) -> None:
@@ -121,14 +121,14 @@ class Writes:
 
     async def count(self) -> int:
         if not self.pg:
-            return self.commits
+            return self.commits + int(self.tide.store.writer_commits)  # type: ignore[attr-defined]
         async with self.engine.connect() as conn:
             result = await conn.exec_driver_sql("SELECT count(DISTINCT tx) FROM tb_test_writes")
             return int(result.scalar())
 
 
 class Statements:
-    """Statements the store's SQLAlchemy engine sends (its reads; on SQLite everything)."""
+    """Statements the store's SQLAlchemy engine sends (its reads and operator actions)."""
 
     def __init__(self, tide: Tidebase) -> None:
         self.engine = tide.store.engine.sync_engine

@@ -12,6 +12,7 @@ import decimal
 import enum
 import hashlib
 import json
+import random
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from pydantic import BaseModel
 
 from tidebase_agents import CheckpointSerializationError
 from tidebase_agents._codec import decode, encode
-from tidebase_agents._hashing import canonical, sha256_hex
+from tidebase_agents._hashing import canonical, canonical_json, dumps, sha256_hex
 
 
 def sdk_hash(value: Any) -> str:
@@ -54,6 +55,41 @@ def test_i5_plain_json_hash_equals_the_sdk_hash(value: Any) -> None:
     ensure_ascii=False) encoded as UTF-8 (what the Tidebase SDKs compute)."""
     assert sha256_hex(value) == sdk_hash(value)
     assert canonical(value) == value
+
+
+class _Level(enum.IntEnum):
+    LOW = 1
+
+
+class _Tag(str, enum.Enum):
+    A = "a"
+
+
+_LEAVES = [None, True, False, 0, -3, 2**70, 1.5, -0.0, 1e300, "", "é\u2028🎉", _Level.LOW]
+_LEAVES += [_Tag.A, Color.RED, dt.date(2024, 1, 2), b"\x00"]
+
+
+def _random_value(rng: random.Random, depth: int) -> Any:
+    """Plain JSON mostly, with now and then a value that takes a canonical form first."""
+    pick = rng.random()
+    if depth > 3 or pick < 0.35:
+        return rng.choice(_LEAVES)
+    size = rng.randrange(4)
+    if pick < 0.65:
+        return {f"k{rng.randrange(9)}": _random_value(rng, depth + 1) for _ in range(size)}
+    items = [_random_value(rng, depth + 1) for _ in range(size)]
+    return tuple(items) if pick < 0.7 else items
+
+
+def test_i5_canonical_text_of_plain_and_typed_values_is_the_full_walks() -> None:
+    """I5: the shortcut for values that are plain JSON already yields exactly the text of
+    the full canonical walk, whatever mix of plain and typed values it is given."""
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    for _ in range(2000):
+        value = _random_value(rng, 0)
+        assert canonical_json(value) == dumps(canonical(value)), (seed, value)
 
 
 def test_i5_hash_ignores_dict_order_and_set_order() -> None:

@@ -9,7 +9,7 @@ events the write appends and ``$4`` the time of the write.
 
 from __future__ import annotations
 
-from .._vocab import RESTARTABLE_RUN_STATUSES, EventKind, RunStatus, sql_list
+from .._vocab import RESTARTABLE_RUN_STATUSES, EventKind, RunStatus, StepStatus, sql_list
 from .records import STEP_FIELDS, USAGE_FIELDS
 from .tables import EventRow, RunRow, StateRow, StepRow, UsageDailyRow, UsageRow
 
@@ -257,3 +257,66 @@ PRUNE_BATCH = (
     + f", gone AS (DELETE FROM {RUNS} r USING picked p WHERE r.run_id = p.run_id RETURNING 1) "
     f"SELECT count(*) AS n FROM gone"
 )
+
+
+# -- SQLite: the executing run's writes as plain statements, run in one transaction each -----
+# (sqlite_writer.SQLiteWriter). Named parameters; datetimes are text, JSON columns JSON text.
+
+
+def sqlite_fence(extra: str = "") -> str:
+    """Bump the run's event counter by :n (setting ``extra`` too) while the lease :token holds
+    run :run_id; returns the last sequence number handed out, or no row."""
+    return (
+        f"UPDATE {RUNS} SET event_seq = event_seq + :n, updated_at = :now{extra} "
+        f"WHERE run_id = :run_id AND lease_token = :token AND status = '{RunStatus.RUNNING}' "
+        f"RETURNING event_seq"
+    )
+
+
+SQLITE_FENCE = sqlite_fence()
+#: End an execution: status, output, error, finished_at; the lease released.
+SQLITE_FINISH = sqlite_fence(
+    ", status = :status, output = :output, error = :error, lease_owner = NULL, "
+    "lease_expires_at = NULL, finished_at = :finished_at"
+)
+SQLITE_APPEND_STATE_FENCE = sqlite_fence(", state_version = :version")
+SQLITE_EXTEND_LEASE = sqlite_fence(", lease_expires_at = :expires")
+SQLITE_LEASE_STATE = f"SELECT status, lease_token FROM {RUNS} WHERE run_id = ?"
+
+#: Insert a step, or update its earlier record (every column but the key and started_at).
+SQLITE_WRITE_STEP = (
+    f"INSERT INTO {STEPS} (run_id, {', '.join(STEP_FIELDS)}) "
+    f"VALUES (:run_id, {', '.join(':' + c for c in STEP_FIELDS)}) "
+    f"ON CONFLICT (run_id, name) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in STEP_FIELDS if c not in ("name", "started_at"))
+)
+SQLITE_INSERT_EVENT = (
+    f"INSERT INTO {EVENTS} (run_id, seq, kind, step, data, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+#: Mark usage an earlier execution recorded for a step lost (superseded by this record).
+SQLITE_USAGE_LOST = f"UPDATE {USAGE} SET lost = 1 WHERE run_id = ? AND step = ? AND dedupe_key != ?"
+#: Record usage; a dedupe key already recorded is skipped (R9).
+SQLITE_INSERT_USAGE = (
+    f"INSERT INTO {USAGE} (run_id, {', '.join(USAGE_FIELDS)}, created_at) "
+    f"VALUES (?, {', '.join('?' for _ in USAGE_FIELDS)}, ?) "
+    f"ON CONFLICT (run_id, dedupe_key) DO NOTHING"
+)
+#: Drop a step's transient nested checkpoints (two LIKE patterns, see transient_patterns).
+SQLITE_DROP_NESTED = (
+    f"DELETE FROM {STEPS} WHERE run_id = ? AND name LIKE ? ESCAPE '\\' AND name LIKE ? ESCAPE '\\'"
+)
+SQLITE_MARK_KEYED = (
+    f"UPDATE {STEPS} SET keyed = 1 WHERE run_id = ? AND name = ? "
+    f"AND status = '{StepStatus.RUNNING}'"
+)
+SQLITE_INSERT_STATE = (
+    f"INSERT INTO {STATE} (run_id, version, value, created_at) VALUES (?, ?, ?, ?)"
+)
+#: Create a run under its first lease; nothing if the id exists.
+SQLITE_CREATE_RUN = (
+    f"INSERT INTO {RUNS} (run_id, pipeline, status, input, input_hash, attempts, lease_owner, "
+    f"lease_token, lease_expires_at, lease_process, event_seq, created_at, updated_at) "
+    f"VALUES (:run_id, :pipeline, '{RunStatus.RUNNING}', :input, :input_hash, 1, :owner, 1, "
+    f":expires, :process, 1, :now, :now) ON CONFLICT (run_id) DO NOTHING RETURNING *"
+)
+SQLITE_OLD_HOLDER = f"SELECT status, lease_owner FROM {RUNS} WHERE run_id = ?"
