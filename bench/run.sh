@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command, from a clean checkout: install tidebase-agents with the bench extra and run the
-# benchmark (every configuration, 3 repeats; results in bench/results/latest.json).
+# benchmark (every configuration, 3 repeats; results in bench/results/latest.json), then the
+# model-turn journal's figures (bench/results/turns.json).
 #
 #   bash bench/run.sh                 # full run
 #   bash bench/run.sh --quick         # smoke run; any bench.run option is passed through
@@ -28,4 +29,15 @@ if ! "$py" -m pip install --disable-pip-version-check -e '.[bench]' >"$log" 2>&1
 fi
 rm -f "$log"
 export OPENAI_AGENTS_DISABLE_TRACING=1
-exec "$py" -m bench.run "$@"
+"$py" -m bench.run "$@"
+
+# The model-turn journal's figures (bench/turns.py, its own processes and databases):
+# bench/results/turns.json. Skipped when only some configurations were asked for.
+turns_args=()
+for arg in "$@"; do
+    case "$arg" in
+        --only | --only=*) exit 0 ;;
+        --quick) turns_args+=(--quick) ;;
+    esac
+done
+exec "$py" -m bench.turns ${turns_args[@]+"${turns_args[@]}"}
