@@ -13,8 +13,9 @@ from ._engine import PipelineOptions, reset_pipeline_options, set_pipeline_optio
 from ._errors import ConfigurationError, RunNotFound
 from ._hashing import sha256_hex
 from ._ids import validate_run_id
-from ._store import DEFAULT_QUEUE
+from ._store import DEFAULT_QUEUE, ApprovalRecord
 from ._tidebase import Tidebase, _sdk_installed
+from ._vocab import ApprovalMode, parse
 
 if TYPE_CHECKING:
     from ._sdk.context import ContextCodec
@@ -55,6 +56,7 @@ class CheckpointedPipeline(Generic[P, R]):
         database_url: str | None = None,
         lease_seconds: float | None = None,
         context_codec: ContextCodec | None = None,
+        approvals: ApprovalMode | str = ApprovalMode.PARK,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@checkpointed_pipeline needs an async function, got {fn!r}")
@@ -77,7 +79,9 @@ class CheckpointedPipeline(Generic[P, R]):
         self.fn = fn
         _codec.register_annotations(fn)
         self.name = name
-        self.options = PipelineOptions(context_codec=context_codec)
+        self.options = PipelineOptions(
+            context_codec=context_codec, approvals=parse(ApprovalMode, approvals, "approvals")
+        )
         if tide is None:
             tide = Tidebase(database_url, lease_seconds=lease_seconds)
         self.tide = tide
@@ -152,6 +156,22 @@ class CheckpointedPipeline(Generic[P, R]):
         if run.pipeline != self.name:
             raise RunNotFound(run_id)
         return await self._execute(run_id, run.input, run.input_hash, create=False)
+
+    async def approve(self, run_id: str, call_id: str, *, always: bool = False) -> ApprovalRecord:
+        """Approve a tool call run ``run_id`` waits on (:meth:`Tidebase.approve`)."""
+        await self._own(run_id)
+        return await self.tide.approve(run_id, call_id, always=always)
+
+    async def reject(
+        self, run_id: str, call_id: str, *, message: str | None = None
+    ) -> ApprovalRecord:
+        """Reject a tool call run ``run_id`` waits on (:meth:`Tidebase.reject`)."""
+        await self._own(run_id)
+        return await self.tide.reject(run_id, call_id, message=message)
+
+    async def _own(self, run_id: str) -> None:
+        if (await self.tide.get_run(run_id)).pipeline != self.name:
+            raise RunNotFound(run_id)
 
     async def run_claimed(self, run_id: str, *, owner: str, claim_token: int) -> R:
         """Execute a run a worker claimed from the queue under ``claim_token``."""
@@ -232,6 +252,7 @@ def checkpointed_pipeline(
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
+    approvals: ApprovalMode | str = ApprovalMode.PARK,
 ) -> Callable[[Callable[P, Awaitable[R]]], CheckpointedPipeline[P, R]]: ...
 
 
@@ -243,6 +264,7 @@ def checkpointed_pipeline(
     tide: Tidebase | None = None,
     lease_seconds: float | None = None,
     context_codec: ContextCodec | None = None,
+    approvals: ApprovalMode | str = ApprovalMode.PARK,
 ) -> Any:
     """Make an async pipeline function durable.
 
@@ -253,6 +275,12 @@ def checkpointed_pipeline(
     as each agent run left it (pydantic models, dataclasses and dicts of JSON values on their
     own); ``context_codec`` (``dump(context) -> JSON`` and ``restore(context, data)``, in place)
     checkpoints any other context.
+
+    An agent run that stops on tool calls needing approval parks the run (``approvals="park"``,
+    W1): the call raises :class:`ApprovalRequired`; once each call is decided
+    (:meth:`approve` / :meth:`reject`), invoking the run again continues the agent run.
+    ``approvals="return"`` hands the interrupted result to the code instead, which drives the
+    SDK's ``RunState`` itself.
     """
     if callable(name):
         fn = name
@@ -266,6 +294,7 @@ def checkpointed_pipeline(
             database_url=database_url,
             lease_seconds=lease_seconds,
             context_codec=context_codec,
+            approvals=approvals,
         )
 
     return decorate
