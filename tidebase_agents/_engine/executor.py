@@ -541,7 +541,9 @@ class Executor:
         self._confirmed_at = time.monotonic()
         if message is not None:
             self._steps[step.name] = dataclasses.replace(
-                step, output={"message": message.id, "payload": message.payload}
+                step,
+                status=StepStatus.COMPLETED,
+                output={"message": message.id, "payload": message.payload},
             )
             self.executed.append(step.name)
         return message
@@ -734,6 +736,7 @@ class Executor:
         *,
         approvals: Sequence[PendingApproval] = (),
         topic: str | None = None,
+        step: StepRecord | None = None,
     ) -> NoReturn:
         """Park the run as ``waiting`` (W1): release the lease and raise ``error``. Anything
         this execution still tries afterwards raises ``error`` again, and nothing is written."""
@@ -753,6 +756,7 @@ class Executor:
                 event=Event(EventKind.RUN_WAITING, data=data),
                 approvals=approvals,
                 topic=topic,
+                step=step,
             )
         )
         log.info("run %s: %s", self.run_id, error)

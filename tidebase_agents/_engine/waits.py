@@ -47,47 +47,52 @@ def _recorded(ex: Executor, spec: StepSpec) -> StepRecord | None:
     return rec
 
 
-async def _due(ex: Executor, spec: StepSpec, rec: StepRecord | None, seconds: float | None) -> Any:
-    """When the wait ends by itself: recorded when it first started, else from now."""
+def _started(
+    ex: Executor, spec: StepSpec, rec: StepRecord | None, seconds: float | None, input: Any
+) -> tuple[dt.datetime | None, StepRecord]:
+    """When the wait ends by itself (recorded when it first started, else from now), and its
+    ``waiting`` record (written when the run parks, with the park)."""
     if rec is not None:
         due = (rec.output or {}).get("due")
-        return None if due is None else dt.datetime.fromisoformat(due)
-    due_at = None if seconds is None else utcnow() + dt.timedelta(seconds=seconds)
-    await ex.record_step(
-        spec,
-        StepStatus.WAITING,
+        return (None if due is None else dt.datetime.fromisoformat(due)), rec
+    now = utcnow()
+    due_at = None if seconds is None else now + dt.timedelta(seconds=seconds)
+    return due_at, StepRecord(
+        name=spec.name,
+        status=StepStatus.WAITING,
+        input_hash=spec.input_hash,
         output={"due": None if due_at is None else due_at.isoformat()},
-        events=[Event(EventKind.STEP_STARTED, spec.name)],
+        lease_token=ex.lease.token,
+        started_at=now,
+        input=input,
     )
-    return due_at
+
+
+def _replayed(ex: Executor, rec: StepRecord | None) -> bool:
+    if rec is None or rec.status != StepStatus.COMPLETED:
+        return False
+    ex.replayed.append(rec.name)
+    step_replayed(ex.run_id, rec.name)
+    return True
 
 
 async def wait_for(ex: Executor, name: str, topic: str, timeout: float | None) -> Any:
     """The payload of the first message sent to the run on ``topic`` that no other wait took,
     whether it was sent before or after the wait started; ``WaitTimeout`` after ``timeout``
     seconds without one (recorded, so a replay raises it again)."""
-    spec = _spec(ex, name, {"topic": topic, "timeout": timeout})
+    input = {"topic": topic, "timeout": timeout}
+    spec = _spec(ex, name, input)
     rec = _recorded(ex, spec)
-    if rec is not None and rec.status == StepStatus.COMPLETED:
-        ex.replayed.append(name)
-        step_replayed(ex.run_id, name)
+    if _replayed(ex, rec):
+        assert rec is not None
         if rec.error is not None:
             raise WaitTimeout(ex.run_id, topic, float(timeout or 0))
         return rec.output["payload"]
-    due = await _due(ex, spec, rec, timeout)
-    now = utcnow()
-    step = StepRecord(
-        name=name,
-        status=StepStatus.COMPLETED,
-        input_hash=spec.input_hash,
-        lease_token=ex.lease.token,
-        started_at=rec.started_at if rec is not None and rec.started_at else now,
-        input={"topic": topic, "timeout": timeout},
-    )
-    message = await ex.take_message(step, topic)
+    due, waiting = _started(ex, spec, rec, timeout, input)
+    message = await ex.take_message(waiting, topic)
     if message is not None:
         return message.payload
-    if due is not None and now >= due:
+    if due is not None and utcnow() >= due:
         error = WaitTimeout(ex.run_id, topic, float(timeout or 0))
         await ex.record_step(
             spec,
@@ -96,18 +101,20 @@ async def wait_for(ex: Executor, name: str, topic: str, timeout: float | None) -
             events=[Event(EventKind.STEP_COMPLETED, name, {"error": "WaitTimeout"})],
         )
         raise error
-    await ex.park(RunWaiting(ex.run_id, topic, due), topic=topic)
+    await ex.park(
+        RunWaiting(ex.run_id, topic, due), topic=topic, step=None if rec is not None else waiting
+    )
 
 
 async def sleep(ex: Executor, name: str, seconds: float) -> None:
     """Park the run until ``seconds`` after the sleep first started; then go on."""
-    spec = _spec(ex, name, {"seconds": seconds})
+    input = {"seconds": seconds}
+    spec = _spec(ex, name, input)
     rec = _recorded(ex, spec)
-    if rec is not None and rec.status == StepStatus.COMPLETED:
-        ex.replayed.append(name)
-        step_replayed(ex.run_id, name)
+    if _replayed(ex, rec):
         return
-    due = await _due(ex, spec, rec, seconds)
+    due, waiting = _started(ex, spec, rec, seconds, input)
+    assert due is not None
     if utcnow() >= due:
         await ex.record_step(
             spec,
@@ -116,7 +123,7 @@ async def sleep(ex: Executor, name: str, seconds: float) -> None:
             events=[Event(EventKind.STEP_COMPLETED, name)],
         )
         return
-    await ex.park(RunWaiting(ex.run_id, None, due))
+    await ex.park(RunWaiting(ex.run_id, None, due), step=None if rec is not None else waiting)
 
 
 async def await_approvals(

@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import ConfigurationError, RunCancelled, RunConflict, RunFailed, RunLocked
@@ -44,9 +44,14 @@ class Backoff:
 
 
 def _waiting(now: dt.datetime, queues: Sequence[str], pipelines: Sequence[str]) -> list[Any]:
-    """Queued runs of these queues and pipelines a worker may start once they are due."""
+    """Queued runs of these queues and pipelines a worker may start once they are due, and
+    waiting runs once they wake up (W1: a waiting run's ``scheduled_at`` is its wake-up time,
+    None while it waits for a decision or a message)."""
     return [
-        RunRow.status == RunStatus.QUEUED,
+        or_(
+            RunRow.status == RunStatus.QUEUED,
+            and_(RunRow.status == RunStatus.WAITING, RunRow.scheduled_at.is_not(None)),
+        ),
         RunRow.queue.in_(list(queues)),
         RunRow.pipeline.in_(list(pipelines)),
         # A run past its deadline is the reconciler's to cancel, not a worker's to start.
@@ -199,7 +204,10 @@ class QueueOps(abc.ABC):
             rows = (
                 await conn.execute(
                     update(RunRow)
-                    .where(RunRow.run_id.in_(ids), RunRow.status == RunStatus.QUEUED)
+                    .where(
+                        RunRow.run_id.in_(ids),
+                        RunRow.status.in_([str(RunStatus.QUEUED), str(RunStatus.WAITING)]),
+                    )
                     .values(
                         status=str(RunStatus.RUNNING),
                         lease_owner=owner,

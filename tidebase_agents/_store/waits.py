@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from typing import Any
@@ -102,13 +103,17 @@ class WaitOps(abc.ABC):
         event: Event,
         approvals: Sequence[PendingApproval] = (),
         topic: str | None = None,
+        step: StepRecord | None = None,
     ) -> None:
         """Park the run as ``waiting`` and release its lease; record the tool calls it waits
-        on. If everything it waits for has already happened (decided meanwhile, a message on
-        ``topic`` sent meanwhile), it is due at once."""
+        on, or the wait step ``step`` it stopped in. If everything it waits for has already
+        happened (decided meanwhile, a message on ``topic`` sent meanwhile), it is due at
+        once."""
         now = utcnow()
         async with self.transaction() as conn:
             seq = await fenced_bump(conn, lease, 1)
+            if step is not None:
+                await self._upsert_step(conn, lease, step)
             if approvals:
                 await conn.execute(
                     self._insert()(ApprovalRow)
@@ -254,20 +259,16 @@ class WaitOps(abc.ABC):
                 .where(MessageRow.id == found.id)
                 .values(consumed_by=step.name, consumed_at=now)
             )
-            values = dict(
-                fields_of(step),
-                run_id=lease.run_id,
-                status=str(StepStatus.COMPLETED),
-                replay=str(step.replay),
-                output={"message": found.id, "payload": found.payload},
-                completed_at=now,
+            await self._upsert_step(
+                conn,
+                lease,
+                dataclasses.replace(
+                    step,
+                    status=StepStatus.COMPLETED,
+                    output={"message": found.id, "payload": found.payload},
+                    completed_at=now,
+                ),
             )
-            stmt = self._insert()(StepRow).values(**values)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["run_id", "name"],
-                set_={k: stmt.excluded[k] for k in values if k not in ("run_id", "name")},
-            )
-            await conn.execute(stmt)
             await append_event(
                 conn,
                 lease.run_id,
@@ -278,6 +279,17 @@ class WaitOps(abc.ABC):
             return MessageRecord(
                 **{**fields_of(found), "consumed_by": step.name, "consumed_at": now}
             )
+
+    async def _upsert_step(self, conn: AsyncConnection, lease: Lease, step: StepRecord) -> None:
+        values = dict(
+            fields_of(step), run_id=lease.run_id, status=str(step.status), replay=str(step.replay)
+        )
+        stmt = self._insert()(StepRow).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "name"],
+            set_={k: stmt.excluded[k] for k in values if k not in ("run_id", "name")},
+        )
+        await conn.execute(stmt)
 
 
 async def _undecided(conn: AsyncConnection, run_id: str) -> int:
