@@ -35,6 +35,8 @@ from tidebase_agents import (
     idempotency_key,
 )
 
+LEASE = 1.0
+
 
 def _pending(exc: ApprovalRequired) -> list[dict[str, Any]]:
     return [
@@ -90,7 +92,8 @@ def refund_pipeline(url: str, directory: str, *, keyed: bool = True, crash: bool
         model=policy_model(manager_policy),
     )
 
-    @checkpointed_pipeline("refund", tide=Tidebase(url))
+    # A short lease: a crashed executor's run is taken over within a second.
+    @checkpointed_pipeline("refund", tide=Tidebase(url, lease_seconds=LEASE))
     async def pipeline(request: str, nested: bool = False) -> str:
         result = await Runner.run(manager if nested else payer, request)
         return str(result.final_output)
