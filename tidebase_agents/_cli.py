@@ -67,7 +67,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-runs_app = typer.Typer(help="List, show, resume and cancel runs.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="List, show, resume and cancel runs; decide approvals, send messages.",
+    no_args_is_help=True,
+)
 steps_app = typer.Typer(help="Resolve steps parked in manual review.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(steps_app, name="steps")

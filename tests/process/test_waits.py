@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,3 +292,22 @@ async def test_a_queued_run_waiting_for_approval_is_resumed_by_a_worker_once_dec
 
 async def _status_is(tide: Tidebase, run_id: str, status: RunStatus) -> bool:
     return (await tide.get_run(run_id)).status == status
+
+
+def test_the_refund_recipe_runs_offline(tmp_path: Path) -> None:
+    """``python cookbook/refund_approval.py``, as the README says: parked, approved by the CLI
+    in another process, finished by a third; one refund."""
+    recipe = Path(__file__).parents[2] / "cookbook" / "refund_approval.py"
+    proc = subprocess.run(
+        [sys.executable, str(recipe)],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "waiting for approval: issue_refund" in proc.stdout
+    assert ": approved" in proc.stdout
+    assert "Your refund is on its way (R-1)." in proc.stdout
+    assert "refunds issued: 1 -> ['R-1']" in proc.stdout
