@@ -503,6 +503,8 @@ def _origin(run: RunRecord, s: dict[str, Any]) -> str:
         )
     elif status == StepStatus.FAILED:
         said.append("failed for good")
+    elif status == StepStatus.WAITING:
+        said.append(f"waiting since attempt {attempt}; the run is parked")
     elif status == StepStatus.FAILED_RETRYABLE and not s["failures"]:
         said.append("to run again in the next attempt")
     return "; ".join(said)

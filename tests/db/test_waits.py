@@ -3,7 +3,7 @@ exactly once before and after the wait, a typed timeout, sleeps, decisions recor
 and waiting runs that hold no lease, connection or task.
 
 The cross-process halves (a new process approves, crashes inside an approved tool, workers)
-are in ``tests/process/test_waits.py``.
+are in ``tests/process/test_approvals_across_processes.py``.
 """
 
 from __future__ import annotations
