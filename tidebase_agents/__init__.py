@@ -7,17 +7,23 @@ from typing import TYPE_CHECKING, Any
 from ._codec import register_types
 from ._engine import NotInRun, Run, current_run, idempotency_key
 from ._errors import (
+    ApprovalNotFound,
+    ApprovalRequired,
     CheckpointSerializationError,
     ConfigurationError,
     DatabaseUnavailable,
+    DecisionConflict,
     LeaseLost,
     NotDurableWarning,
     PayloadTooLarge,
+    PendingApproval,
     RunCancelled,
     RunConflict,
     RunFailed,
     RunLocked,
     RunNotFound,
+    RunParked,
+    RunWaiting,
     SchemaNotMigrated,
     StepFailed,
     StepInputMismatch,
@@ -25,11 +31,28 @@ from ._errors import (
     StepNotFound,
     StepNotReviewable,
     TidebaseError,
+    WaitTimeout,
 )
 from ._pipeline import CheckpointedPipeline, checkpointed_pipeline
-from ._store import EventRecord, RunRecord, StateVersion, StepRecord, StepsReset, UsageRecord
+from ._store import (
+    ApprovalRecord,
+    EventRecord,
+    MessageRecord,
+    RunRecord,
+    StateVersion,
+    StepRecord,
+    StepsReset,
+    UsageRecord,
+)
 from ._tidebase import AsyncTidebase, Tidebase
-from ._vocab import ReplayPolicy, ReviewAction, RunStatus, StepStatus
+from ._vocab import (
+    ApprovalDecision,
+    ApprovalMode,
+    ReplayPolicy,
+    ReviewAction,
+    RunStatus,
+    StepStatus,
+)
 from ._worker import WorkerOptions, run_worker
 
 if TYPE_CHECKING:
@@ -66,18 +89,26 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ApprovalDecision",
+    "ApprovalMode",
+    "ApprovalNotFound",
+    "ApprovalRecord",
+    "ApprovalRequired",
     "AsyncTidebase",
     "CheckpointSerializationError",
     "CheckpointedPipeline",
     "ConfigurationError",
     "ContextCodec",
     "DatabaseUnavailable",
+    "DecisionConflict",
     "DurableMCPServer",
     "EventRecord",
     "LeaseLost",
+    "MessageRecord",
     "NotDurableWarning",
     "NotInRun",
     "PayloadTooLarge",
+    "PendingApproval",
     "ReplayPolicy",
     "ReviewAction",
     "Run",
@@ -86,8 +117,10 @@ __all__ = [
     "RunFailed",
     "RunLocked",
     "RunNotFound",
+    "RunParked",
     "RunRecord",
     "RunStatus",
+    "RunWaiting",
     "SchemaNotMigrated",
     "StateVersion",
     "StepFailed",
@@ -101,6 +134,7 @@ __all__ = [
     "Tidebase",
     "TidebaseError",
     "UsageRecord",
+    "WaitTimeout",
     "WorkerOptions",
     "__version__",
     "checkpointed_pipeline",

@@ -27,7 +27,15 @@ from ._config import ENV_SCHEMA, ENV_URL, missing_sqlite_file
 from ._errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated, TidebaseError
 from ._inspect import attempts, error_text, parse_since
 from ._pricing import load_prices, parse_group_by, record_cost
-from ._store import EventRecord, RunRecord, StepRecord, StepsReset, close_stores
+from ._store import (
+    ApprovalRecord,
+    EventRecord,
+    MessageRecord,
+    RunRecord,
+    StepRecord,
+    StepsReset,
+    close_stores,
+)
 from ._text import Column, columns, one_line, output_width, wrapped
 from ._tidebase import Tidebase
 from ._vocab import (
@@ -56,6 +64,7 @@ _STATUS_COLOUR: dict[str, str] = {
     RunStatus.FAILED: "red",
     RunStatus.FAILED_RETRYABLE: "yellow",
     RunStatus.MANUAL_REVIEW: "magenta",
+    RunStatus.WAITING: "blue",
 }
 
 app = typer.Typer(
@@ -68,7 +77,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 runs_app = typer.Typer(
-    help="List, show, resume, cancel, fork and prune runs.", no_args_is_help=True
+    help="List, show, resume, cancel, fork and prune runs; decide approvals, send messages.",
+    no_args_is_help=True,
 )
 steps_app = typer.Typer(
     help="Resolve steps parked in manual review; reset a run to a step.", no_args_is_help=True
@@ -509,6 +519,8 @@ def _origin(run: RunRecord, s: dict[str, Any]) -> str:
         )
     elif status == StepStatus.FAILED:
         said.append("failed for good")
+    elif status == StepStatus.WAITING:
+        said.append(f"waiting since attempt {attempt}; the run is parked")
     elif status == StepStatus.FAILED_RETRYABLE and not s["failures"]:
         said.append("to run again in the next attempt")
     return "; ".join(said)
@@ -542,16 +554,17 @@ def runs_show(
     tide = _tide(ctx, existing=True)
     table_prices = _prices(prices)
 
-    async def go() -> tuple[RunRecord, list[StepRecord], list[EventRecord], list[Any]]:
+    async def go() -> tuple[RunRecord, list[StepRecord], list[EventRecord], list[Any], Waits]:
         run = await tide.get_run(run_id)
         return (
             run,
             await tide.steps(run_id),
             await tide.events(run_id),
             await tide.usage_records(run_id),
+            (await tide.approvals(run_id), await tide.messages(run_id)),
         )
 
-    run, steps, events, usage = _call(go)
+    run, steps, events, usage, (approvals, messages) = _call(go)
     timeline = _timeline(run, steps, events)
     usage_rows = [
         {**dataclasses.asdict(u), "cost_usd": record_cost(u, table_prices)} for u in usage
@@ -569,11 +582,14 @@ def runs_show(
                 "usage": usage_rows,
                 "cost_usd": total_cost,
                 "events": [dataclasses.asdict(e) for e in events],
+                "approvals": [dataclasses.asdict(a) for a in approvals],
+                "messages": [dataclasses.asdict(m) for m in messages],
             }
         )
         return
     width = output_width()
     _echo(_run_lines(run, width, _lineage(events)))
+    _echo(_wait_lines(run, approvals, messages, width))
     typer.echo("")
     typer.echo(_plural(len(timeline), "step"))
     for i, s in enumerate(timeline, 1):
@@ -634,6 +650,39 @@ def _run_lines(run: RunRecord, width: int, lineage: dict[str, Any]) -> list[str]
     lines = [f"{label:<9} {value}" for label, value in fields]
     if run.error:
         lines += wrapped(f"{'error':<9}", error_text(run.error), width)
+    return lines
+
+
+Waits = tuple[list[ApprovalRecord], list[MessageRecord]]
+
+
+def _wait_lines(
+    run: RunRecord, approvals: list[ApprovalRecord], messages: list[MessageRecord], width: int
+) -> list[str]:
+    """What a run waits for (W1): its wake-up time, its tool calls awaiting approval (with
+    their arguments) and how each was decided, and the messages sent to it."""
+    lines: list[str] = []
+    if run.status == RunStatus.WAITING:
+        wake = f"{_when(run.scheduled_at)} UTC" if run.scheduled_at else "a decision or a message"
+        lines.append(f"{'waits':<9} until {wake}")
+    if approvals:
+        lines += ["", _plural(len(approvals), "tool call") + " needing approval"]
+    for a in approvals:
+        if a.decision is None:
+            state = f"pending: tidebase-agents runs approve|reject {run.run_id} {a.call_id}"
+        else:
+            state = f"{a.decision}d" + (" (always)" if a.always else "")
+            state += f" at {_when(a.decided_at)} UTC" if a.decided_at else ""
+            state += f": {a.message}" if a.message else ""
+        lines.append(f"  {a.call_id}  {a.agent} -> {a.tool}")
+        lines += wrapped("arguments:", a.arguments or "", width, indent=4, max_lines=3)
+        lines += wrapped("", state, width, indent=4)
+    if messages:
+        lines += ["", _plural(len(messages), "message")]
+    for m in messages:
+        taken = f"taken by {m.consumed_by}" if m.consumed_by else "not taken yet"
+        text = json.dumps(m.payload, ensure_ascii=False, default=str)
+        lines += wrapped(f"  {m.id}  {m.topic} ({taken}):", text, width, indent=4, max_lines=2)
     return lines
 
 
@@ -725,6 +774,55 @@ def runs_resume(
     result = _call(resume, context=f"run {run_id} did not complete")
     typer.echo(f"run {run_id}: completed")
     _json(_codec.encode(result, what="pipeline result"))
+
+
+@runs_app.command("approve")
+def runs_approve(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The waiting run.")],
+    call_id: Annotated[str, typer.Argument(help="The tool call to approve (see runs show).")],
+    always: Annotated[
+        bool, typer.Option("--always", help="Also approve later calls of this tool in the run.")
+    ] = False,
+) -> None:
+    """Approve a tool call a waiting run stopped on; recorded once. Once every call is decided
+    the run continues when invoked again (a worker does so at once for a queued run)."""
+    tide = _tide(ctx, existing=True)
+    record = _call(lambda: tide.approve(run_id, call_id, always=always))
+    typer.echo(f"tool call {call_id} of run {run_id}: {record.decision}d")
+
+
+@runs_app.command("reject")
+def runs_reject(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The waiting run.")],
+    call_id: Annotated[str, typer.Argument(help="The tool call to reject (see runs show).")],
+    message: Annotated[
+        str | None, typer.Option(help="What the model is told instead of the tool's output.")
+    ] = None,
+) -> None:
+    """Reject a tool call a waiting run stopped on: it never executes; recorded once."""
+    tide = _tide(ctx, existing=True)
+    record = _call(lambda: tide.reject(run_id, call_id, message=message))
+    typer.echo(f"tool call {call_id} of run {run_id}: {record.decision}ed")
+
+
+@runs_app.command("send")
+def runs_send(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run to send to.")],
+    topic: Annotated[str, typer.Argument(help="The topic its wait_for listens on.")],
+    payload: Annotated[str, typer.Argument(help="The message, as JSON.")],
+) -> None:
+    """Send a message to a run: its first wait_for(TOPIC) that has not taken one gets it,
+    exactly once, whether it waits already or starts later."""
+    try:
+        value = json.loads(payload)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
+    tide = _tide(ctx, existing=True)
+    message_id = _call(lambda: tide.send(run_id, topic, value))
+    typer.echo(f"message {message_id} sent to run {run_id} on topic {topic}")
 
 
 @runs_app.command("cancel")

@@ -3,6 +3,7 @@ warning it gives about what will not survive a crash."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shlex
 from collections.abc import Sequence
@@ -156,6 +157,100 @@ class StepNotFound(ConfigurationError):
         super().__init__(
             f"run {run_id!r} has no recorded step {step!r}; `tidebase-agents runs show "
             f"{run_id}` lists its steps"
+        )
+
+
+class RunParked(TidebaseError):
+    """The run parked: it waits, holding no lease, connection or task, until what it waits for
+    happens; invoking it again (or a worker, for a queued run) then continues it (W1).
+
+    ``wake_at`` is when it becomes due by itself (a sleep, a timeout), or None.
+    """
+
+    def __init__(self, run_id: str, message: str, wake_at: dt.datetime | None = None) -> None:
+        self.run_id = run_id
+        self.wake_at = wake_at
+        super().__init__(message)
+
+
+class RunWaiting(RunParked):
+    """The run parked in ``wait_for`` (``topic``) or ``sleep`` (``topic`` None)."""
+
+    def __init__(self, run_id: str, topic: str | None, wake_at: dt.datetime | None) -> None:
+        self.topic = topic
+        until = (
+            f" until {wake_at.astimezone(dt.timezone.utc).isoformat(timespec='seconds')}"
+            if wake_at is not None
+            else ""
+        )
+        what = (
+            f"waits for a message on topic {topic!r}{until}; deliver it with "
+            f"`tidebase-agents runs send {run_id} {topic} JSON`"
+            if topic is not None
+            else f"sleeps{until}"
+        )
+        super().__init__(run_id, f"run {run_id!r} {what}", wake_at)
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingApproval:
+    """A tool call an agent run stopped on, waiting for a person's decision."""
+
+    call_id: str
+    agent: str
+    tool: str
+    arguments: str | None
+    #: The agent step it belongs to.
+    step: str = ""
+
+
+class ApprovalRequired(RunParked):
+    """The run parked on tool calls that need approval (``pending``); decide each with
+    ``approve`` / ``reject`` (or ``tidebase-agents runs approve|reject``), then invoke it again."""
+
+    def __init__(self, run_id: str, pending: Sequence[PendingApproval]) -> None:
+        self.pending = list(pending)
+        calls = ", ".join(f"{p.tool}({p.call_id})" for p in self.pending)
+        super().__init__(
+            run_id,
+            f"run {run_id!r} waits for approval of {calls}; decide with "
+            f"`tidebase-agents runs approve|reject {run_id} CALL_ID`",
+        )
+
+
+class WaitTimeout(TidebaseError):
+    """``wait_for`` saw no message on its topic before its timeout (recorded: a replay raises
+    it again)."""
+
+    def __init__(self, run_id: str, topic: str, timeout: float) -> None:
+        self.run_id = run_id
+        self.topic = topic
+        self.timeout = timeout
+        super().__init__(
+            f"run {run_id!r} waited {timeout:g}s for a message on topic {topic!r}; none came"
+        )
+
+
+class ApprovalNotFound(ConfigurationError):
+    """No tool call with this call id waits for (or had) a decision in this run."""
+
+    def __init__(self, run_id: str, call_id: str) -> None:
+        self.run_id = run_id
+        self.call_id = call_id
+        super().__init__(f"run {run_id!r} has no tool call {call_id!r} waiting for approval")
+
+
+class DecisionConflict(TidebaseError):
+    """The tool call was already decided otherwise; a decision is recorded once."""
+
+    def __init__(self, run_id: str, call_id: str, recorded: str, refused: str) -> None:
+        self.run_id = run_id
+        self.call_id = call_id
+        self.recorded = recorded
+        self.refused = refused
+        super().__init__(
+            f"tool call {call_id!r} of run {run_id!r} was already decided ({recorded}); "
+            f"the {refused} is refused"
         )
 
 

@@ -13,8 +13,9 @@ from ._engine import PipelineOptions, reset_pipeline_options, set_pipeline_optio
 from ._errors import ConfigurationError, RunNotFound
 from ._hashing import sha256_hex
 from ._ids import validate_run_id
-from ._store import DEFAULT_QUEUE, RunRecord, StepsReset
+from ._store import DEFAULT_QUEUE, ApprovalRecord, RunRecord, StepsReset
 from ._tidebase import Tidebase, _sdk_installed
+from ._vocab import ApprovalMode, parse
 
 if TYPE_CHECKING:
     from ._sdk.context import ContextCodec
@@ -57,6 +58,7 @@ class CheckpointedPipeline(Generic[P, R]):
         context_codec: ContextCodec | None = None,
         recover: bool = True,
         retention: dt.timedelta | None = None,
+        approvals: ApprovalMode | str = ApprovalMode.PARK,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@checkpointed_pipeline needs an async function, got {fn!r}")
@@ -89,7 +91,9 @@ class CheckpointedPipeline(Generic[P, R]):
         self.name = name
         #: Whether workers serving this pipeline finish its direct-call runs whose process died.
         self.recover = recover
-        self.options = PipelineOptions(context_codec=context_codec)
+        self.options = PipelineOptions(
+            context_codec=context_codec, approvals=parse(ApprovalMode, approvals, "approvals")
+        )
         if tide is None:
             tide = Tidebase(database_url, lease_seconds=lease_seconds)
         self.tide = tide
@@ -183,6 +187,18 @@ class CheckpointedPipeline(Generic[P, R]):
         await self._own_run(run_id)
         return await self.tide.reset_step(run_id, step)
 
+    async def approve(self, run_id: str, call_id: str, *, always: bool = False) -> ApprovalRecord:
+        """Approve a tool call run ``run_id`` waits on (:meth:`Tidebase.approve`)."""
+        await self._own_run(run_id)
+        return await self.tide.approve(run_id, call_id, always=always)
+
+    async def reject(
+        self, run_id: str, call_id: str, *, message: str | None = None
+    ) -> ApprovalRecord:
+        """Reject a tool call run ``run_id`` waits on (:meth:`Tidebase.reject`)."""
+        await self._own_run(run_id)
+        return await self.tide.reject(run_id, call_id, message=message)
+
     async def run_claimed(self, run_id: str, *, owner: str, claim_token: int) -> R:
         """Execute a run a worker claimed from the queue under ``claim_token``."""
         run = await self.tide.get_run(run_id)
@@ -264,6 +280,7 @@ def checkpointed_pipeline(
     context_codec: ContextCodec | None = None,
     recover: bool = True,
     retention: dt.timedelta | None = None,
+    approvals: ApprovalMode | str = ApprovalMode.PARK,
 ) -> Callable[[Callable[P, Awaitable[R]]], CheckpointedPipeline[P, R]]: ...
 
 
@@ -277,6 +294,7 @@ def checkpointed_pipeline(
     context_codec: ContextCodec | None = None,
     recover: bool = True,
     retention: dt.timedelta | None = None,
+    approvals: ApprovalMode | str = ApprovalMode.PARK,
 ) -> Any:
     """Make an async pipeline function durable.
 
@@ -293,6 +311,11 @@ def checkpointed_pipeline(
     detectable (P4); ``recover=False`` leaves direct-call runs to their caller to re-invoke.
     ``retention`` keeps ended runs that long: workers serving the pipeline prune older ones
     (``Tidebase.prune``) every ``retention_interval``.
+    An agent run that stops on tool calls needing approval parks the run (``approvals="park"``,
+    W1): the call raises :class:`ApprovalRequired`; once each call is decided
+    (:meth:`approve` / :meth:`reject`), invoking the run again continues the agent run.
+    ``approvals="return"`` hands the interrupted result to the code instead, which drives the
+    SDK's ``RunState`` itself.
     """
     if callable(name):
         fn = name
@@ -308,6 +331,7 @@ def checkpointed_pipeline(
             context_codec=context_codec,
             recover=recover,
             retention=retention,
+            approvals=approvals,
         )
 
     return decorate

@@ -27,7 +27,9 @@ from ._pricing import load_prices, parse_group_by, usage_report
 from ._store import (
     DEFAULT_QUEUE,
     RUN_COUNT_KEYS,
+    ApprovalRecord,
     EventRecord,
+    MessageRecord,
     NewRun,
     QueuedRun,
     RunCursor,
@@ -43,7 +45,14 @@ from ._store import (
 )
 from ._store.queue import DEFAULT_MAX_ATTEMPTS
 from ._store.retention import PRUNE_BATCH, PruneFilter
-from ._vocab import PRUNABLE_RUN_STATUSES, ReviewAction, RunStatus, SQLiteSynchronous, parse
+from ._vocab import (
+    PRUNABLE_RUN_STATUSES,
+    ApprovalDecision,
+    ReviewAction,
+    RunStatus,
+    SQLiteSynchronous,
+    parse,
+)
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 (the input of a pipeline function)
@@ -373,6 +382,55 @@ class Tidebase:
             raise ConfigurationError(f"batch must be between 1 and 10000, got {batch!r}")
         store = await self._open()
         return await (store.count_prunable(which) if dry_run else store.prune(which, batch=batch))
+
+    # -- waits (W1) ------------------------------------------------------------------------
+
+    async def approve(self, run_id: str, call_id: str, *, always: bool = False) -> ApprovalRecord:
+        """Approve tool call ``call_id`` a waiting run stopped on (``always``: and later calls
+        of that tool by that agent in the same run). Recorded once; a run with every call
+        decided continues when invoked again (a worker does so at once for a queued run).
+        ``DecisionConflict`` if it was rejected already."""
+        return await self._decide(run_id, call_id, ApprovalDecision.APPROVE, always, None)
+
+    async def reject(
+        self, run_id: str, call_id: str, *, message: str | None = None
+    ) -> ApprovalRecord:
+        """Reject tool call ``call_id``: it never executes, and the model is told ``message``
+        (else the SDK's default rejection text). ``DecisionConflict`` if it was approved."""
+        if message is not None and not isinstance(message, str):
+            raise ConfigurationError(f"message must be a string, got {message!r}")
+        return await self._decide(run_id, call_id, ApprovalDecision.REJECT, False, message)
+
+    async def _decide(
+        self,
+        run_id: str,
+        call_id: str,
+        decision: ApprovalDecision,
+        always: bool,
+        message: str | None,
+    ) -> ApprovalRecord:
+        if not isinstance(call_id, str) or not call_id:
+            raise ConfigurationError(f"call id must be a non-empty string, got {call_id!r}")
+        return await (await self._open()).decide(
+            validate_run_id(run_id), call_id, decision, always=bool(always), message=message
+        )
+
+    async def send(self, run_id: str, topic: str, payload: Any = None) -> int:
+        """Send ``payload`` (JSON-able) to run ``run_id`` on ``topic``: the first
+        ``wait_for(topic)`` of the run that has not taken a message gets it, exactly once,
+        whether it is waiting already or starts later. Returns the message's id."""
+        _check_name(topic, "topic", required=True)
+        encoded = _codec.encode(payload, what=f"message on topic {topic!r}")
+        _codec.checked_json(encoded, f"message on topic {topic!r}")
+        return await (await self._open()).send_message(validate_run_id(run_id), topic, encoded)
+
+    async def approvals(self, run_id: str) -> list[ApprovalRecord]:
+        """The run's tool calls that waited for approval, with their decisions, oldest first."""
+        return await (await self._open()).get_approvals(validate_run_id(run_id))
+
+    async def messages(self, run_id: str) -> list[MessageRecord]:
+        """The messages sent to the run, oldest first, with the wait step that took each."""
+        return await (await self._open()).get_messages(validate_run_id(run_id))
 
     # -- reads -----------------------------------------------------------------------------
 

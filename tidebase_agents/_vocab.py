@@ -33,6 +33,9 @@ class RunStatus(Vocab):
     FAILED_RETRYABLE = "failed_retryable"
     MANUAL_REVIEW = "manual_review"
     CANCELLED = "cancelled"
+    #: Parked until tool approvals are decided, a message arrives or a sleep is due (W1):
+    #: no lease, connection or task is held.
+    WAITING = "waiting"
 
 
 class StepStatus(Vocab):
@@ -43,6 +46,24 @@ class StepStatus(Vocab):
     FAILED = "failed"
     FAILED_RETRYABLE = "failed_retryable"
     MANUAL_REVIEW = "manual_review"
+    #: A ``wait_for`` / ``sleep`` that has started and not yet ended (its due time recorded).
+    WAITING = "waiting"
+
+
+class ApprovalDecision(Vocab):
+    """A person's decision on a tool call waiting for approval."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
+class ApprovalMode(Vocab):
+    """What a pipeline does when an agent run stops on tool approvals: park the run until
+    they are decided (``park``), or hand the interrupted result to the code (``return``),
+    which drives ``RunState`` itself."""
+
+    PARK = "park"
+    RETURN = "return"
 
 
 class ReplayPolicy(Vocab):
@@ -118,6 +139,10 @@ class EventKind(Vocab):
     STATE_SET = "state_set"
     TURN_DIVERGED = "turn_diverged"
     TURN_DROPPED = "turn_dropped"
+    RUN_WAITING = "run_waiting"
+    APPROVAL_DECIDED = "approval_decided"
+    MESSAGE_SENT = "message_sent"
+    MESSAGE_RECEIVED = "message_received"
 
 
 class SQLiteSynchronous(Vocab):
@@ -133,7 +158,13 @@ class SQLiteSynchronous(Vocab):
 
 #: Runs that may still be (re)started; at most one per ``(queue, dedupe_key)``.
 ACTIVE_RUN_STATUSES = frozenset(
-    {RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.FAILED_RETRYABLE, RunStatus.MANUAL_REVIEW}
+    {
+        RunStatus.QUEUED,
+        RunStatus.RUNNING,
+        RunStatus.FAILED_RETRYABLE,
+        RunStatus.MANUAL_REVIEW,
+        RunStatus.WAITING,
+    }
 )
 #: Runs that ended; nothing ever changes their status again.
 TERMINAL_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
@@ -142,7 +173,7 @@ TERMINAL_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunSta
 PRUNABLE_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 #: Runs an invocation may take at once; a ``running`` run only once its holder is gone.
 RESTARTABLE_RUN_STATUSES = frozenset(
-    {RunStatus.QUEUED, RunStatus.FAILED_RETRYABLE, RunStatus.MANUAL_REVIEW}
+    {RunStatus.QUEUED, RunStatus.FAILED_RETRYABLE, RunStatus.MANUAL_REVIEW, RunStatus.WAITING}
 )
 #: Step statuses past which the run cannot go on.
 HALTING_STEP_STATUSES = frozenset({StepStatus.MANUAL_REVIEW, StepStatus.FAILED})

@@ -16,7 +16,7 @@ from sqlalchemy import func, insert, select, update
 
 from tidebase_agents import ConfigurationError, Run, Tidebase, checkpointed_pipeline
 from tidebase_agents._store import close_stores
-from tidebase_agents._store.tables import Base, EventRow, RunRow, StepRow
+from tidebase_agents._store.tables import ApprovalRow, Base, EventRow, MessageRow, RunRow, StepRow
 from tidebase_agents._worker import Worker, WorkerOptions
 
 LONG_AGO = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -48,6 +48,33 @@ async def rows_per_run(url: str) -> dict[str, dict[str, int]]:
     finally:
         await engine.dispose()
     return out
+
+
+async def add_decision_and_message(url: str, run_id: str) -> None:
+    """An approval decided and a message taken, as a run that waited on both leaves them."""
+    engine = library_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(ApprovalRow).values(
+                    run_id=run_id,
+                    step="agent:refunds#1",
+                    call_id="call-1",
+                    agent="refunds",
+                    tool="refund",
+                    arguments="{}",
+                    decision="approve",
+                    created_at=LONG_AGO,
+                    decided_at=LONG_AGO,
+                )
+            )
+            await conn.execute(
+                insert(MessageRow).values(
+                    run_id=run_id, topic="go", payload=1, created_at=LONG_AGO, consumed_by="w"
+                )
+            )
+    finally:
+        await engine.dispose()
 
 
 async def set_runs(url: str, run_ids: list[str], **values: Any) -> None:
@@ -101,6 +128,7 @@ async def test_prune_deletes_only_old_ended_runs_and_all_their_rows(db_url: str)
     # A raising pipeline is left retryable; an operator's review or the queue fails it.
     await set_runs(db_url, ["cancelled"], status="cancelled")
     await set_runs(db_url, ["failed"], status="failed")
+    await add_decision_and_message(db_url, "done-0")
     before = await rows_per_run(db_url)
     assert set(before["done-0"]) == {t.name for t in RUN_TABLES}  # every table has its rows
 

@@ -34,6 +34,8 @@ TIDEBASE_TABLES = {
     "tidebase_state",
     "tidebase_usage",
     "tidebase_usage_daily",
+    "tidebase_approvals",
+    "tidebase_messages",
 }
 VERSION_TABLE = "tidebase_alembic_version"
 from tidebase_agents._store.tables import SCHEMA_REVISION as HEAD  # noqa: E402

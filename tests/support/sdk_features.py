@@ -828,7 +828,8 @@ async def approval(kit: Kit) -> dict[str, Any]:
 
     agent = build_agent()
 
-    @kit.pipeline("approval-request")
+    # The code drives RunState itself: the interrupted result is handed to it.
+    @kit.pipeline("approval-request", approvals="return")
     async def request() -> str:
         result = await Runner.run(agent, "pay 5", context={"tenant": "t1"})
         return result.to_state().to_string()

@@ -196,11 +196,13 @@ def test_the_public_run_shows_only_the_contract() -> None:
         "attempt",
         "pipeline",
         "run_id",
+        "sleep",
         "state",
         "state_patch",
         "state_set",
         "step",
         "usage_record",
+        "wait_for",  # W1
     ]
 
 

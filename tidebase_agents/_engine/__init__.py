@@ -25,6 +25,7 @@ from .spec import (
     reset_pipeline_options,
     set_pipeline_options,
 )
+from .waits import await_approvals
 
 __all__ = [
     "RUN_CONTROL",
@@ -41,6 +42,7 @@ __all__ = [
     "StopRun",
     "ToolCall",
     "active_executor",
+    "await_approvals",
     "check_input_size",
     "current_pipeline_options",
     "current_run",

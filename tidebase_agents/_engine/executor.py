@@ -15,14 +15,16 @@ import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .._codec import checked_json
 from .._errors import (
     CheckpointSerializationError,
     LeaseLost,
     PayloadTooLarge,
+    PendingApproval,
     RunCancelled,
+    RunParked,
     StepFailed,
     StepInputMismatch,
     StepNeedsReview,
@@ -31,8 +33,10 @@ from .._errors import (
 from .._ids import validate_step_name
 from .._store import (
     Acquired,
+    ApprovalRecord,
     Event,
     Lease,
+    MessageRecord,
     RunRecord,
     StepRecord,
     Store,
@@ -103,6 +107,7 @@ class Executor:
         self._steps: dict[str, StepRecord] = dict(acquired.steps)
         self.root = Scope()
         self.loop = asyncio.get_running_loop()
+        #: Why this executor may no longer write: its lease was lost, or the run parked.
         self._lost: TidebaseError | None = None
         self._lease_deadline = time.monotonic() + settings.lease_seconds
         #: When the database last confirmed this executor's lease (acquire, a fenced write).
@@ -122,6 +127,7 @@ class Executor:
         self._state_value: Any = None
         self._state_loaded = acquired.run.state_version == 0
         self._state_lock = asyncio.Lock()
+        self._approvals: list[ApprovalRecord] | None = None
 
     @property
     def run_id(self) -> str:
@@ -434,7 +440,7 @@ class Executor:
         try:
             return await write
         except (LeaseLost, RunCancelled) as exc:
-            self._lost = exc
+            self._lost = self._lost or exc
             raise
 
     async def _write(
@@ -502,6 +508,45 @@ class Executor:
                 f"(Tidebase(max_payload_bytes=...))"
             )
         return text
+
+    async def record_step(
+        self,
+        spec: StepSpec,
+        status: StepStatus,
+        *,
+        events: Sequence[Event],
+        output: Any = None,
+        error: Any = None,
+    ) -> None:
+        """Write ``spec``'s checkpoint as it stands (a wait's start or its end)."""
+        if status == StepStatus.COMPLETED:
+            self.executed.append(spec.name)
+        await self._write(spec, status, attempts=1, events=events, output=output, error=error)
+
+    # -- waits (W1) ------------------------------------------------------------------------
+
+    async def approvals(self) -> list[ApprovalRecord]:
+        """The run's tool calls that waited for approval, with their decisions (one read per
+        execution, when an agent step stopped on approvals is met)."""
+        if self._approvals is None:
+            self._approvals = await self.store.get_approvals(self.run_id)
+        return self._approvals
+
+    async def take_message(self, step: StepRecord, topic: str) -> MessageRecord | None:
+        """Complete wait step ``step`` with the next message on ``topic``, if one was sent."""
+        self.check_live()
+        message: MessageRecord | None = await self._guarded(
+            self.store.take_message(self.lease, step, topic)
+        )
+        self._confirmed_at = time.monotonic()
+        if message is not None:
+            self._steps[step.name] = dataclasses.replace(
+                step,
+                status=StepStatus.COMPLETED,
+                output={"message": message.id, "payload": message.payload},
+            )
+            self.executed.append(step.name)
+        return message
 
     # -- journal entries -------------------------------------------------------------------
 
@@ -662,7 +707,7 @@ class Executor:
             try:
                 await self.store.heartbeat(self.lease, seconds, timeout=self._remaining())
             except (LeaseLost, RunCancelled) as exc:
-                self._lost = exc
+                self._lost = self._lost or exc  # a park released the lease: it says why
                 return
             except Exception as exc:  # a transient database error: keep trying until expiry
                 log.warning("heartbeat for run %s failed: %s", self.run_id, exc)
@@ -684,6 +729,39 @@ class Executor:
             await asyncio.wait([heartbeat])
         else:
             heartbeat.cancel()
+
+    async def park(
+        self,
+        error: RunParked,
+        *,
+        approvals: Sequence[PendingApproval] = (),
+        topic: str | None = None,
+        step: StepRecord | None = None,
+    ) -> NoReturn:
+        """Park the run as ``waiting`` (W1): release the lease and raise ``error``. Anything
+        this execution still tries afterwards raises ``error`` again, and nothing is written."""
+        self.check_live()
+        await self.flush_journal()
+        data: dict[str, Any] = {"reason": type(error).__name__}
+        if error.wake_at is not None:
+            data["wake_at"] = error.wake_at.isoformat()
+        if topic is not None:
+            data["topic"] = topic
+        if approvals:
+            data["approvals"] = [p.call_id for p in approvals]
+        await self._guarded(
+            self.store.park(
+                self.lease,
+                wake_at=error.wake_at,
+                event=Event(EventKind.RUN_WAITING, data=data),
+                approvals=approvals,
+                topic=topic,
+                step=step,
+            )
+        )
+        log.info("run %s: %s", self.run_id, error)
+        self._lost = error
+        raise error
 
     async def settle(self, exc: BaseException) -> None:
         """Record how an unsuccessful execution ended and release the lease."""

@@ -14,6 +14,7 @@ from .._hashing import canonical, canonical_json, sha256_text
 from .._ids import derive_idempotency_key, validate_step_name
 from .._store import UsageRecord
 from .._vocab import ReplayPolicy, parse
+from . import waits as _waits
 from .executor import Executor
 from .scope import scope_var, tool_call_var
 from .spec import StepSpec, is_reentrant
@@ -142,6 +143,36 @@ class Run:
         )
         return await ex.execute(spec)
 
+    async def wait_for(self, topic: str, *, timeout: float | None = None) -> Any:
+        """Wait for the payload of a message sent to this run on ``topic``
+        (``Tidebase.send`` / ``tidebase-agents runs send``), delivered exactly once whether it
+        was sent before or after the wait started.
+
+        Until it comes the run parks (W1): the call raises :class:`RunWaiting` to whoever
+        invoked the run, which holds nothing meanwhile; invoking it again after the message
+        was sent (a worker does so at once for a queued run) replays to here and returns the
+        payload. After ``timeout`` seconds from the first wait without a message it raises
+        :class:`WaitTimeout`, which the pipeline may catch.
+        """
+        _check_seconds("timeout", timeout)
+        validate_step_name(topic)
+        name = self._wait_name(f"wait:{topic}")
+        return await _waits.wait_for(self._executor, name, topic, timeout)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep durably: the run parks (:class:`RunWaiting`, holding nothing) until
+        ``seconds`` after the sleep first started, when a worker resumes a queued run, or an
+        invocation after that time goes on."""
+        _check_seconds("seconds", seconds)
+        await _waits.sleep(self._executor, self._wait_name("sleep"), float(seconds))
+
+    def _wait_name(self, base: str) -> str:
+        ex = self._executor
+        scope = scope_var.get() or ex.root
+        name = validate_step_name(f"{scope.prefix}{base}#{scope.next_ordinal(base)}")
+        scope.claimed.add(name)
+        return name
+
     async def state_set(self, value: Any) -> int:
         """Append a new version of the run's state; a replayed call writes nothing (R10)."""
         return await self._executor.append_state(canonical(value, what="run state"))
@@ -222,6 +253,13 @@ class Run:
                 cost_usd=None if cost_usd is None else float(cost_usd),
             )
         )
+
+
+def _check_seconds(what: str, value: float | None) -> None:
+    if value is not None and (
+        type(value) not in (int, float) or not math.isfinite(value) or value < 0
+    ):
+        raise ConfigurationError(f"{what} must be a non-negative number of seconds, got {value!r}")
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:

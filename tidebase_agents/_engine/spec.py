@@ -16,9 +16,16 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from .. import _codec
-from .._errors import LeaseLost, RunCancelled, StepFailed, StepInputMismatch, StepNeedsReview
+from .._errors import (
+    LeaseLost,
+    RunCancelled,
+    RunParked,
+    StepFailed,
+    StepInputMismatch,
+    StepNeedsReview,
+)
 from .._store import StepRecord, UsageRecord
-from .._vocab import DecisionKind, ReplayPolicy
+from .._vocab import ApprovalMode, DecisionKind, ReplayPolicy
 from .scope import ToolCall
 
 #: Errors that steer the run rather than report a failure of the step's own work.
@@ -28,6 +35,7 @@ RUN_CONTROL: tuple[type[Exception], ...] = (
     StepNeedsReview,
     StepInputMismatch,
     StepFailed,
+    RunParked,
 )
 
 
@@ -118,6 +126,8 @@ class PipelineOptions:
 
     #: Snapshots and restores the user's run context in agent checkpoints (the SDK package).
     context_codec: Any = None
+    #: What an agent run that stops on tool approvals does (W1): park the run, or return.
+    approvals: ApprovalMode = ApprovalMode.PARK
 
 
 _NO_OPTIONS = PipelineOptions()

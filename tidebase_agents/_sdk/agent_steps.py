@@ -21,13 +21,16 @@ from .._engine import (
     StepSpec,
     StopRun,
     active_executor,
+    await_approvals,
+    current_pipeline_options,
     current_scope,
     current_tool_call,
 )
 from .._hashing import canonical_json, parts_hash, sha256_hex, sha256_text
 from .._store import utcnow
-from .._vocab import DecisionKind
+from .._vocab import ApprovalMode, DecisionKind
 from .agent_runner import sdk_run, sdk_run_streamed, tool_call_scope
+from .approvals import apply_decisions, decisions_json, pending_approvals
 from .context import effective_context
 from .errors import encode_agent_error, raise_recorded_error
 from .fingerprint import agent_fingerprint, run_input_json, run_options_parts
@@ -99,19 +102,34 @@ def _is_ordinal(name: str, base: str) -> bool:
 
 
 def _agent_spec(
-    ex: Executor, runner: AgentRunner, agent: Agent[Any], input: Any, kwargs: dict[str, Any]
+    ex: Executor,
+    runner: AgentRunner,
+    agent: Agent[Any],
+    input: Any,
+    kwargs: dict[str, Any],
+    *,
+    continues: tuple[str, Any] | None = None,
 ) -> StepSpec:
+    """The step of one agent call; ``continues`` = (name, what the call continues with) for
+    the continuation of an agent step that stopped on approvals, named after that step and
+    hashed by its decisions (the state it resumes from differs by process)."""
     context = effective_context(kwargs.get("context"), input)
     if kwargs.get("session") is not None and not isinstance(kwargs["session"], DurableSession):
         kwargs = {**kwargs, "session": DurableSession(kwargs["session"], ex)}
     parts = {**agent_fingerprint(agent), **run_options_parts(kwargs)}
     what = f"input of agent {agent.name!r}"
     # The run input's canonical JSON is hashed and recorded (bounded) from one serialization.
-    input_text = canonical_json(run_input_json(input), what=f"{what} (input)")
+    input_text = canonical_json(
+        run_input_json(input) if continues is None else continues[1], what=f"{what} (input)"
+    )
     input_hash, per_part = parts_hash(
         parts, what=what, hashed={"input": sha256_text(input_text, what=f"{what} (input)")}
     )
-    name = _claim(ex, _agent_scope(ex, context), agent.name, input_hash)
+    name = (
+        _claim(ex, _agent_scope(ex, context), agent.name, input_hash)
+        if continues is None
+        else continues[0]
+    )
 
     async def decode(payload: Any) -> Any:
         return await decode_result(payload, agent, context)
@@ -149,6 +167,29 @@ class _Interceptor:
             call = self.run(runner, starting_agent, input, kwargs)
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, ex.loop))
         spec = _agent_spec(ex, runner, starting_agent, input, kwargs)
+        result = await self._step(ex, spec, kwargs)
+        # An agent used as a tool hands its approvals to the calling agent run, whose own
+        # step parks (the SDK carries nested interruptions up).
+        parks = (
+            current_pipeline_options().approvals == ApprovalMode.PARK
+            and tool_call_scope(kwargs.get("context")) is None
+        )
+        while parks and result.interruptions:
+            decisions = await await_approvals(ex, spec.name, pending_approvals(result))
+            state = result.to_state()
+            apply_decisions(state, decisions)
+            spec = _agent_spec(
+                ex,
+                runner,
+                starting_agent,
+                state,
+                kwargs,
+                continues=(f"{spec.name}/approved", decisions_json(decisions)),
+            )
+            result = await self._step(ex, spec, kwargs)
+        return result
+
+    async def _step(self, ex: Executor, spec: StepSpec, kwargs: dict[str, Any]) -> RunResult:
         try:
             result: RunResult = await ex.execute(spec)
             return result

@@ -87,6 +87,7 @@ from .rows import (
     locked_run,
 )
 from .tables import EventRow, RunRow, StateRow, StepRow, UsageRow
+from .waits import WaitOps
 
 if TYPE_CHECKING:
     from sqlalchemy import Select
@@ -110,7 +111,7 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
 
-class Store(RecoveryOps, RewindOps, RetentionOps, abc.ABC):
+class Store(RecoveryOps, RewindOps, RetentionOps, WaitOps, abc.ABC):
     """One database: every read and write the library makes. Obtain one with ``open_store``."""
 
     #: The SQLAlchemy backend name this class serves.

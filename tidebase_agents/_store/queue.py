@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._errors import ConfigurationError, RunCancelled, RunConflict, RunFailed, RunLocked
@@ -43,15 +43,25 @@ class Backoff:
         return nominal * (0.5 + random.random() / 2)
 
 
-def _waiting(now: dt.datetime, queues: Sequence[str], pipelines: Sequence[str]) -> list[Any]:
-    """Queued runs of these queues and pipelines a worker may start once they are due."""
+def _startable(now: dt.datetime, queues: Sequence[str], pipelines: Sequence[str]) -> list[Any]:
+    """Runs of these queues and pipelines a worker may start once they are due (their
+    status is the caller's condition)."""
     return [
-        RunRow.status == RunStatus.QUEUED,
         RunRow.queue.in_(list(queues)),
         RunRow.pipeline.in_(list(pipelines)),
         # A run past its deadline is the reconciler's to cancel, not a worker's to start.
         or_(RunRow.deadline.is_(None), RunRow.deadline > now),
     ]
+
+
+#: Which runs a worker starts, each a condition the claim index serves on its own: waiting
+#: runs once they wake up first (W1: a waiting run's ``scheduled_at`` is its wake-up time,
+#: None while it waits for a decision or a message), so a deep queue never starves them;
+#: then queued runs.
+_CLAIMABLE = (
+    and_(RunRow.status == RunStatus.WAITING, RunRow.scheduled_at.is_not(None)),
+    RunRow.status == RunStatus.QUEUED,
+)
 
 
 class QueueOps(abc.ABC):
@@ -183,28 +193,38 @@ class QueueOps(abc.ABC):
         process, session = await self.holder()
         now = utcnow()
         async with self.transaction() as conn:
-            ids = (
-                (
-                    await conn.execute(
-                        select(RunRow.run_id)
-                        .where(
-                            *_waiting(now, queues, pipelines),
-                            or_(RunRow.scheduled_at.is_(None), RunRow.scheduled_at <= now),
+            ids: list[str] = []
+            for status in _CLAIMABLE:
+                ids += (
+                    (
+                        await conn.execute(
+                            select(RunRow.run_id)
+                            .where(
+                                status,
+                                *_startable(now, queues, pipelines),
+                                or_(RunRow.scheduled_at.is_(None), RunRow.scheduled_at <= now),
+                            )
+                            .order_by(
+                                RunRow.priority.desc(), RunRow.scheduled_at, RunRow.created_at
+                            )
+                            .limit(limit - len(ids))
+                            .with_for_update(skip_locked=True)
                         )
-                        .order_by(RunRow.priority.desc(), RunRow.scheduled_at, RunRow.created_at)
-                        .limit(limit)
-                        .with_for_update(skip_locked=True)
                     )
+                    .scalars()
+                    .all()
                 )
-                .scalars()
-                .all()
-            )
+                if len(ids) == limit:
+                    break
             if not ids:
                 return []
             rows = (
                 await conn.execute(
                     update(RunRow)
-                    .where(RunRow.run_id.in_(ids), RunRow.status == RunStatus.QUEUED)
+                    .where(
+                        RunRow.run_id.in_(ids),
+                        RunRow.status.in_([str(RunStatus.QUEUED), str(RunStatus.WAITING)]),
+                    )
                     .values(
                         status=str(RunStatus.RUNNING),
                         lease_owner=owner,
@@ -246,12 +266,12 @@ class QueueOps(abc.ABC):
     async def next_due(
         self, *, queues: Sequence[str], pipelines: Sequence[str]
     ) -> dt.datetime | None:
-        """When the earliest queued run of these queues and pipelines becomes due."""
+        """When the earliest queued or sleeping run of these queues and pipelines is due."""
         async with self.connect() as conn:
             value = (
                 await conn.execute(
                     select(func.min(RunRow.scheduled_at)).where(
-                        *_waiting(utcnow(), queues, pipelines)
+                        or_(*_CLAIMABLE), *_startable(utcnow(), queues, pipelines)
                     )
                 )
             ).scalar()

@@ -218,6 +218,36 @@ class QueuedRun:
     deadline: dt.datetime | None
 
 
+@dataclasses.dataclass(frozen=True)
+class ApprovalRecord:
+    """A tool call an agent step stopped on, and its decision once a person made one."""
+
+    run_id: str
+    step: str
+    call_id: str
+    agent: str
+    tool: str
+    arguments: str | None
+    decision: str | None
+    always: bool
+    message: str | None
+    created_at: dt.datetime
+    decided_at: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class MessageRecord:
+    """A message sent to a run on a topic; ``consumed_by`` names the wait step that took it."""
+
+    id: int
+    run_id: str
+    topic: str
+    payload: Any
+    created_at: dt.datetime
+    consumed_by: str | None
+    consumed_at: dt.datetime | None
+
+
 @dataclasses.dataclass
 class ReconcileReport:
     """What one reconciler pass did; ``elected`` is False when another reconciler acted."""

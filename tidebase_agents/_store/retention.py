@@ -23,12 +23,21 @@ from sqlalchemy import BigInteger, case, cast, delete, extract, func, literal, n
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._vocab import PRUNABLE_RUN_STATUSES, RunStatus
-from .tables import EventRow, RunRow, StateRow, StepRow, UsageDailyRow, UsageRow
+from .tables import (
+    ApprovalRow,
+    EventRow,
+    MessageRow,
+    RunRow,
+    StateRow,
+    StepRow,
+    UsageDailyRow,
+    UsageRow,
+)
 
 #: Runs each prune transaction deletes at most.
 PRUNE_BATCH = 500
 DAY = 86400
-_CHILD_TABLES = (UsageRow, StepRow, EventRow, StateRow)
+_CHILD_TABLES = (UsageRow, StepRow, EventRow, StateRow, ApprovalRow, MessageRow)
 _SUMMED = ("requests", "input_tokens", "output_tokens", "cached_tokens", "total_tokens")
 _ROLLUP_SUMS = (*_SUMMED, "reasoning_tokens", "records", "lost_tokens", "recorded_cost")
 _UNPRICED = ("unpriced_input", "unpriced_output", "unpriced_cached")

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from .._vocab import RESTARTABLE_RUN_STATUSES, EventKind, RunStatus, StepStatus, sql_list
 from .records import STEP_FIELDS, USAGE_FIELDS
-from .tables import EventRow, RunRow, StateRow, StepRow, UsageDailyRow, UsageRow
+from .tables import (
+    ApprovalRow,
+    EventRow,
+    MessageRow,
+    RunRow,
+    StateRow,
+    StepRow,
+    UsageDailyRow,
+    UsageRow,
+)
 
 RUNS = RunRow.__tablename__
 STEPS = StepRow.__tablename__
@@ -19,6 +28,8 @@ EVENTS = EventRow.__tablename__
 STATE = StateRow.__tablename__
 USAGE = UsageRow.__tablename__
 USAGE_DAILY = UsageDailyRow.__tablename__
+APPROVALS = ApprovalRow.__tablename__
+MESSAGES = MessageRow.__tablename__
 
 
 def takeover_rule(now: str, dead_token: str) -> str:
@@ -252,7 +263,7 @@ PRUNE_BATCH = (
     f"ON CONFLICT (day, pipeline, model) DO UPDATE SET {_ROLLED}), "
     + ", ".join(
         f"d_{t} AS (DELETE FROM {t} x USING picked p WHERE x.run_id = p.run_id)"
-        for t in (USAGE, STEPS, EVENTS, STATE)
+        for t in (USAGE, STEPS, EVENTS, STATE, APPROVALS, MESSAGES)
     )
     + f", gone AS (DELETE FROM {RUNS} r USING picked p WHERE r.run_id = p.run_id RETURNING 1) "
     f"SELECT count(*) AS n FROM gone"

@@ -33,7 +33,7 @@ from .._errors import CheckpointSerializationError
 from .._vocab import ACTIVE_RUN_STATUSES, ReplayPolicy, sql_list
 
 #: Alembic revision the models correspond to; a database at another revision is not migrated.
-SCHEMA_REVISION = "0011_retention"
+SCHEMA_REVISION = "0010_waits"
 VERSION_TABLE = "tidebase_alembic_version"
 
 _ACTIVE_DEDUPE = text(f"dedupe_key IS NOT NULL AND status IN {sql_list(ACTIVE_RUN_STATUSES)}")
@@ -269,6 +269,50 @@ class UsageDailyRow(Base):
     unpriced_input: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     unpriced_output: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     unpriced_cached: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class ApprovalRow(Base):
+    """A tool call an agent step stopped on, and the person's decision on it (recorded once)."""
+
+    __tablename__ = "tidebase_approvals"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("tidebase_runs.run_id", ondelete="CASCADE")
+    )
+    step: Mapped[str] = mapped_column(String(1000))
+    call_id: Mapped[str] = mapped_column(String(255))
+    agent: Mapped[str] = mapped_column(String(255))
+    tool: Mapped[str] = mapped_column(String(255))
+    arguments: Mapped[str | None] = mapped_column(Text)
+    decision: Mapped[str | None] = mapped_column(String(16))
+    always: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "step", "call_id", name="uq_tidebase_approvals_run_step_call"),
+        Index("ix_tidebase_approvals_run_call", "run_id", "call_id"),
+    )
+
+
+class MessageRow(Base):
+    """A message sent to a run on a topic; the one ``wait_for`` step that consumed it."""
+
+    __tablename__ = "tidebase_messages"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("tidebase_runs.run_id", ondelete="CASCADE")
+    )
+    topic: Mapped[str] = mapped_column(String(255))
+    payload: Mapped[Any | None] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    consumed_by: Mapped[str | None] = mapped_column(String(1000))
+    consumed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_tidebase_messages_run_topic", "run_id", "topic", "id"),)
 
 
 #: The library's tables (the Alembic version table aside).

@@ -310,6 +310,7 @@ _ENDED_AS = {
     StepStatus.MANUAL_REVIEW: "parked for review",
     StepStatus.FAILED: "failed for good",
     StepStatus.FAILED_RETRYABLE: "failed, to be retried,",
+    StepStatus.WAITING: "waiting (the run is parked) since",
 }
 
 

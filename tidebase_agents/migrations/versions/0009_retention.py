@@ -1,7 +1,7 @@
 """retention: usage of pruned runs kept as daily rollups, ended runs found by when they ended;
 claims walk an index in their own order
 
-Revision ID: 0011_retention
+Revision ID: 0009_retention
 Revises: 0008_recovery
 Create Date: 2026-12-02 02:00:00
 """
@@ -15,7 +15,7 @@ from alembic import op
 
 from tidebase_agents._store.migrate import revision_schema
 
-revision: str = "0011_retention"
+revision: str = "0009_retention"
 down_revision: str | None = "0008_recovery"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
