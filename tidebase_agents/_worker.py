@@ -161,6 +161,12 @@ ENV_KINDS = {
 }
 
 
+def _direct(served: dict[str, CheckpointedPipeline[Any, Any]]) -> list[str]:
+    """The served pipelines whose direct-call runs workers finish: after their holder died,
+    and once they wake up from a wait (``recover=False`` opts out)."""
+    return [name for name, p in served.items() if p.recover]
+
+
 def env_name(option: str) -> str:
     """The environment variable of a worker option: ``TIDEBASE_WORKER_<OPTION>``."""
     return f"TIDEBASE_WORKER_{option.upper()}"
@@ -283,17 +289,21 @@ class Worker:
         if free <= 0:
             return self.poll_interval  # a finishing run sets the wake event
         try:
+            direct = _direct(served)
             claims = await store.claim(
                 owner=self.owner,
                 lease_seconds=lease,
                 queues=self.queues,
                 pipelines=list(served),
                 limit=free,
+                direct=direct,
             )
             if len(claims) == free:
                 due = None
             else:
-                due = await store.next_due(queues=self.queues, pipelines=list(served))
+                due = await store.next_due(
+                    queues=self.queues, pipelines=list(served), direct=direct
+                )
         except Exception as exc:
             log.warning("claiming failed (%s); retrying in %.1fs", exc, self.poll_interval)
             return self.poll_interval
@@ -321,7 +331,7 @@ class Worker:
         self, store: Store, served: dict[str, CheckpointedPipeline[Any, Any]], lease: float
     ) -> None:
         """Adopt runs of the served pipelines whose holder died, as free slots allow (P4)."""
-        direct = [name for name, p in served.items() if p.recover]
+        direct = _direct(served)
         while not self._stopping.is_set():
             free = self.concurrency - len(self._tasks)
             if free > 0:

@@ -269,6 +269,56 @@ async def test_durable_sleep_survives_a_restart_and_a_worker_resumes_it(
         await tide.close()
 
 
+DIRECT_SLEEP = """
+import asyncio, sys
+import waits_worker_app as app
+from tidebase_agents import RunWaiting
+
+async def main() -> None:
+    try:
+        await app.sleeper.with_run_id(sys.argv[1])(1.0)
+    except RunWaiting:
+        print("parked")
+    await app.tide.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_direct_call_run_that_sleeps_is_finished_by_a_worker_when_due(
+    db_url: str, tmp_path: Path
+) -> None:
+    """P4 and W1 together: a run started by a direct call parks in ``sleep``; its caller
+    exits; a worker serving the pipeline (``recover`` on) takes it once it is due."""
+    tide = Tidebase(db_url)
+    try:
+        caller = subprocess.run(
+            [sys.executable, "-c", DIRECT_SLEEP, "direct-sleeper"],
+            env=child_env(url=db_url, WAITS_DIR=str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert caller.stdout.strip() == "parked", caller.stdout + caller.stderr
+        run = await tide.get_run("direct-sleeper")
+        assert run.status == RunStatus.WAITING and run.queue is None
+        worker = _worker(db_url, tmp_path, "w")
+        try:
+            await wait_for(
+                lambda: _status_is(tide, "direct-sleeper", RunStatus.COMPLETED),
+                "a worker to finish the direct-call run",
+            )
+        finally:
+            stop_process(worker)
+        lines = read_lines(tmp_path / "sleeper.log")
+        assert [ln.split()[0] for ln in lines] == ["before", "after"]
+        # The caller's process ran the first step, the worker the second.
+        assert lines[0].split()[1] != str(worker.pid) and lines[1].split()[1] == str(worker.pid)
+        assert (await tide.get_run("direct-sleeper")).output == "rested"
+    finally:
+        await tide.close()
+
+
 async def test_a_queued_run_waiting_for_approval_is_resumed_by_a_worker_once_decided(
     db_url: str, tmp_path: Path, children: Children
 ) -> None:

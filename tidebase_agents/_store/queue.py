@@ -43,25 +43,23 @@ class Backoff:
         return nominal * (0.5 + random.random() / 2)
 
 
-def _startable(now: dt.datetime, queues: Sequence[str], pipelines: Sequence[str]) -> list[Any]:
-    """Runs of these queues and pipelines a worker may start once they are due (their
-    status is the caller's condition)."""
-    return [
-        RunRow.queue.in_(list(queues)),
-        RunRow.pipeline.in_(list(pipelines)),
-        # A run past its deadline is the reconciler's to cancel, not a worker's to start.
-        or_(RunRow.deadline.is_(None), RunRow.deadline > now),
-    ]
-
-
-#: Which runs a worker starts, each a condition the claim index serves on its own: waiting
-#: runs once they wake up first (W1: a waiting run's ``scheduled_at`` is its wake-up time,
-#: None while it waits for a decision or a message), so a deep queue never starves them;
-#: then queued runs.
-_CLAIMABLE = (
-    and_(RunRow.status == RunStatus.WAITING, RunRow.scheduled_at.is_not(None)),
-    RunRow.status == RunStatus.QUEUED,
-)
+def _claimable(
+    now: dt.datetime, queues: Sequence[str], pipelines: Sequence[str], direct: Sequence[str]
+) -> list[Any]:
+    """What a worker starts, in the order it takes them, each a condition the claim index
+    serves on its own: waiting runs once they wake up (W1: a waiting run's ``scheduled_at`` is
+    its wake-up time, None while it waits for a decision or a message), of its queues and,
+    with no queue, the direct-call runs of the ``direct`` pipelines (P4), so a deep queue
+    never starves them; then queued runs. A run past its deadline is the reconciler's to
+    cancel, not a worker's to start."""
+    live = or_(RunRow.deadline.is_(None), RunRow.deadline > now)
+    woken = and_(RunRow.status == RunStatus.WAITING, RunRow.scheduled_at.is_not(None), live)
+    mine = and_(RunRow.queue.in_(list(queues)), RunRow.pipeline.in_(list(pipelines)))
+    conditions = [and_(woken, mine)]
+    if direct:
+        conditions.append(and_(woken, RunRow.queue.is_(None), RunRow.pipeline.in_(list(direct))))
+    conditions.append(and_(RunRow.status == RunStatus.QUEUED, mine, live))
+    return conditions
 
 
 class QueueOps(abc.ABC):
@@ -181,8 +179,11 @@ class QueueOps(abc.ABC):
         queues: Sequence[str],
         pipelines: Sequence[str],
         limit: int = 1,
+        direct: Sequence[str] = (),
     ) -> list[Claim]:
         """Claim up to ``limit`` due runs: each becomes ``running`` under a new lease token.
+        ``direct`` names the pipelines whose direct-call runs, once they wake up from a
+        wait, a worker finishes too.
 
         PostgreSQL locks candidates with ``FOR UPDATE SKIP LOCKED``, so concurrent claimers
         never wait on each other and never get the same run; SQLite transactions are
@@ -194,14 +195,13 @@ class QueueOps(abc.ABC):
         now = utcnow()
         async with self.transaction() as conn:
             ids: list[str] = []
-            for status in _CLAIMABLE:
+            for condition in _claimable(now, queues, pipelines, direct):
                 ids += (
                     (
                         await conn.execute(
                             select(RunRow.run_id)
                             .where(
-                                status,
-                                *_startable(now, queues, pipelines),
+                                condition,
                                 or_(RunRow.scheduled_at.is_(None), RunRow.scheduled_at <= now),
                             )
                             .order_by(
@@ -264,14 +264,14 @@ class QueueOps(abc.ABC):
             return [Claim(r.run_id, r.pipeline, r.queue, r.lease_token, r.attempts) for r in rows]
 
     async def next_due(
-        self, *, queues: Sequence[str], pipelines: Sequence[str]
+        self, *, queues: Sequence[str], pipelines: Sequence[str], direct: Sequence[str] = ()
     ) -> dt.datetime | None:
-        """When the earliest queued or sleeping run of these queues and pipelines is due."""
+        """When the earliest run :meth:`claim` would take becomes due."""
         async with self.connect() as conn:
             value = (
                 await conn.execute(
                     select(func.min(RunRow.scheduled_at)).where(
-                        or_(*_CLAIMABLE), *_startable(utcnow(), queues, pipelines)
+                        or_(*_claimable(utcnow(), queues, pipelines, direct))
                     )
                 )
             ).scalar()
