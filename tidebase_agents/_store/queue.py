@@ -62,6 +62,27 @@ def _claimable(
     return conditions
 
 
+def lease_grant(
+    owner: str,
+    lease_seconds: float,
+    now: dt.datetime,
+    process: str | None,
+    session: int | None,
+) -> dict[str, Any]:
+    """The column values that hand a run to a new holder: a new lease token, the holder's
+    identity (P3) and one more attempt; the run's event sequence makes room for one event."""
+    return {
+        "lease_owner": owner,
+        "lease_token": RunRow.lease_token + 1,
+        "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+        "lease_process": process,
+        "lease_session": session,
+        "attempts": RunRow.attempts + 1,
+        "event_seq": RunRow.event_seq + 1,
+        "updated_at": now,
+    }
+
+
 class QueueOps(abc.ABC):
     """The queue half of a store; backends supply the transactions and their two hooks."""
 
@@ -227,14 +248,7 @@ class QueueOps(abc.ABC):
                     )
                     .values(
                         status=str(RunStatus.RUNNING),
-                        lease_owner=owner,
-                        lease_token=RunRow.lease_token + 1,
-                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                        lease_process=process,
-                        lease_session=session,
-                        attempts=RunRow.attempts + 1,
-                        event_seq=RunRow.event_seq + 1,
-                        updated_at=now,
+                        **lease_grant(owner, lease_seconds, now, process, session),
                     )
                     .returning(
                         RunRow.run_id,

@@ -11,14 +11,13 @@ has all its writes refused (R6). The proofs only make the takeover early.
 from __future__ import annotations
 
 import abc
-import datetime as dt
 from collections.abc import Collection, Sequence
 
 from sqlalchemy import and_, or_, select, update
 
 from .._vocab import EventKind, FailureClass, HolderDeath, RunStatus
 from .holders import process_gone, this_process
-from .queue import DEFAULT_MAX_ATTEMPTS, Backoff, QueueOps
+from .queue import DEFAULT_MAX_ATTEMPTS, Backoff, QueueOps, lease_grant
 from .records import Claim, Event, RunRecord, run_from_mapping, utcnow
 from .rows import RUN_COLUMNS, append_event
 from .tables import RunRow
@@ -161,14 +160,7 @@ class RecoveryOps(QueueOps, abc.ABC):
                     update(RunRow)
                     .where(RunRow.run_id == run.run_id)
                     .values(
-                        lease_owner=owner,
-                        lease_token=RunRow.lease_token + 1,
-                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                        lease_process=process,
-                        lease_session=session,
-                        attempts=RunRow.attempts + 1,
-                        event_seq=RunRow.event_seq + 1,
-                        updated_at=now,
+                        **lease_grant(owner, lease_seconds, now, process, session),
                     )
                     .returning(RunRow.lease_token, RunRow.attempts, RunRow.event_seq)
                 )
