@@ -311,6 +311,34 @@ def test_fingerprint_ignores_random_prompt_cache_key_but_not_other_extra_args() 
     }
 
 
+def test_settings_are_hashed_in_the_sdks_own_json_form() -> None:
+    # Fingerprints dump settings through one cached adapter: the form must stay the SDK's own
+    # to_json_dict(), or every recorded agent step and turn would turn stale on upgrade.
+    from openai.types.shared import Reasoning
+
+    settings = ModelSettings(
+        temperature=0.25,
+        top_p=0.9,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        truncation="auto",
+        max_tokens=512,
+        reasoning=Reasoning(effort="low"),
+        metadata={"team": "ops"},
+        store=True,
+        include_usage=True,
+        extra_query={"q": "1"},
+        extra_headers={"h": "v"},
+        extra_args={"seed": 7, "prompt_cache_key": "random"},
+    )
+    sdk_form = sdk_fp._drop_none(settings.to_json_dict())
+    del sdk_form["extra_args"]["prompt_cache_key"]
+    assert sdk_fp.settings_json(settings) == sdk_form
+    assert sdk_fp.settings_json(ModelSettings()) == sdk_fp._drop_none(
+        ModelSettings().to_json_dict()
+    )
+
+
 def test_fingerprint_refuses_settings_that_are_not_json() -> None:
     settings = ModelSettings(extra_args={"client": object()})
     with pytest.raises(CheckpointSerializationError, match="model_settings of agent 'a'"):

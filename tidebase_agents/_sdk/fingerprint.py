@@ -14,6 +14,7 @@ from agents.models.default_models import get_default_model
 from agents.models.interface import Model
 from agents.run_state import RunState
 from agents.tool import FunctionTool
+from pydantic import TypeAdapter
 
 from .._errors import CheckpointSerializationError
 from .._hashing import sha256_hex
@@ -53,10 +54,15 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+# What ModelSettings.to_json_dict() dumps through, built once: the SDK builds a new adapter on
+# every call, which was most of the cost of fingerprinting an agent or a model turn.
+_SETTINGS: TypeAdapter[ModelSettings] = TypeAdapter(ModelSettings)
+
+
 def settings_json(settings: ModelSettings, what: str = "model_settings") -> dict[str, Any]:
     """Model settings as hashable JSON: no None fields, no SDK-generated prompt_cache_key."""
     try:
-        data = _drop_none(settings.to_json_dict())
+        data = _drop_none(_SETTINGS.dump_python(settings, mode="json"))
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
         raise CheckpointSerializationError(f"{what} cannot be made JSON: {exc}") from exc
     extra = data.get("extra_args")
