@@ -98,6 +98,7 @@ def price_for(model: str | None, prices: Mapping[str, Price]) -> Price | None:
 
 USAGE_GROUPS = ("run", "pipeline", "model")
 _TOKENS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "total_tokens")
+_UNPRICED = ("unpriced_input", "unpriced_output", "unpriced_cached")
 
 
 def parse_group_by(spec: str | Sequence[str]) -> list[str]:
@@ -123,6 +124,24 @@ def record_cost(record: UsageRecord, prices: Mapping[str, Price]) -> float | Non
     return price.cost(record.input_tokens, record.output_tokens, record.cached_tokens)
 
 
+_SUMMED = (*_TOKENS, "records", "lost_tokens", "recorded_cost", *_UNPRICED)
+
+
+def _by_model(totals: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per group and model: live rows and the daily rollups of pruned runs come as
+    separate sums, and pricing each apart rounded differently from pricing their total."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in totals:
+        key = (*(r[k] for k in keys), r["model"])
+        acc = merged.get(key)
+        if acc is None:
+            merged[key] = {**r, **{c: r[c] or 0 for c in _SUMMED}}
+        else:
+            for c in _SUMMED:
+                acc[c] += r[c] or 0
+    return list(merged.values())
+
+
 def usage_report(
     totals: Sequence[Mapping[str, Any]], by: Sequence[str], prices: Mapping[str, Price]
 ) -> list[dict[str, Any]]:
@@ -134,7 +153,7 @@ def usage_report(
     """
     keys = list(by)
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for r in totals:
+    for r in _by_model(totals, keys):
         ident = tuple(r[k] for k in keys)
         acc = out.setdefault(
             ident,
@@ -150,7 +169,7 @@ def usage_report(
         for c in (*_TOKENS, "records", "lost_tokens"):
             acc[c] += int(r[c] or 0)
         cost = float(r["recorded_cost"] or 0.0)
-        tokens = [int(r[f"unpriced_{c}"] or 0) for c in ("input", "output", "cached")]
+        tokens = [int(r[c] or 0) for c in _UNPRICED]
         if any(tokens):
             price = price_for(r["model"], prices)
             if price is None:

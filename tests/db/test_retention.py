@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import random
 from typing import Any
 
@@ -144,8 +145,8 @@ async def test_prune_deletes_only_old_ended_runs_and_all_their_rows(db_url: str)
 
 
 async def test_prune_keeps_usage_totals_as_they_were(db_url: str) -> None:
-    seed = random.randrange(1 << 30)
-    print("seed", seed)
+    seed = int(os.environ.get("TIDEBASE_TEST_SEED") or random.randrange(1 << 30))
+    print("seed", seed, "(replay: TIDEBASE_TEST_SEED)")
     rng = random.Random(seed)
     tide = Tidebase(db_url)
     pipelines = [rng.choice(["keep", "other"]) for _ in range(8)]
