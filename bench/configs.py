@@ -489,7 +489,9 @@ async def conc_bare(params: Params) -> dict[str, Any]:
 
 
 async def conc_ours_pg(params: Params) -> dict[str, Any]:
-    return await throughput(ours.make_pipeline(ours_url(params, "pg")), params)
+    pipeline = ours.make_pipeline(ours_url(params, "pg"))
+    figures = await throughput(pipeline, params)
+    return {**figures, **ours.group_commits(pipeline)}
 
 
 async def conc_ours_sqlite(params: Params) -> dict[str, Any]:

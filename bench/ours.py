@@ -55,6 +55,17 @@ def make_pipeline(database_url: str) -> Pipeline:
     return pipeline
 
 
+def group_commits(pipeline: Any) -> dict[str, int]:
+    """How many batches of more than one step write the pipeline's store sent, and the writes
+    they carried (PostgreSQL's group commit; empty where the store has none)."""
+    from tidebase_agents._store import sql
+
+    group = getattr(pipeline.tide.store, "_grouped", {}).get(sql.WRITE_STEP)
+    if group is None:
+        return {}
+    return {"group_batches": group.batches, "group_batched_writes": group.batched_writes}
+
+
 def make_tidebase(database_url: str, *, lease_seconds: float | None = None) -> Any:
     from tidebase_agents import Tidebase
 

@@ -414,6 +414,12 @@ def summarize_concurrency(med: Medians) -> Summary:
             ("conc_dbos_pg", f"dbos_throughput_ratio_{level}"),
         ):
             s[key] = _ratio(med(config, f"pps_{level}"), bare_pps)
+    # PostgreSQL's group commit over both levels: batches of step writes, writes per batch.
+    batches = med("conc_ours_pg", "group_batches")
+    s["group_commit_batches"] = batches
+    s["group_commit_writes_per_batch"] = _ratio(
+        med("conc_ours_pg", "group_batched_writes"), batches
+    )
     return s
 
 

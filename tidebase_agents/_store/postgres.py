@@ -19,8 +19,8 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import asyncpg
 from sqlalchemy import func, select
@@ -36,6 +36,7 @@ from .._vocab import TERMINAL_RUN_STATUSES, EventKind, RunStatus
 from . import migrate as _migrate
 from . import sql
 from .base import Listener, Store
+from .group_commit import GroupCommit
 from .holders import this_process
 from .records import (
     DeadHolder,
@@ -60,8 +61,11 @@ COMMAND_TIMEOUT = 30.0
 #: Seconds to wait for the session connection: without it leases still hold, only a death is
 #: noticed later.
 SESSION_CONNECT_TIMEOUT = 5.0
+#: Connections of the writer pool, and so batches of step writes in flight at once.
+WRITERS = 4
 
 log = logging.getLogger("tidebase_agents")
+_T = TypeVar("_T")
 
 
 def notify_channel(schema: str) -> str:
@@ -125,7 +129,13 @@ def driver_dsn(url: str) -> str:
 
 def connect_in(dsn: str, schema: str, timeout: float = CONNECT_TIMEOUT) -> Any:
     """An asyncpg connection whose ``search_path`` is ``schema`` (set at connect)."""
-    return asyncpg.connect(dsn, timeout=timeout, server_settings={"search_path": f'"{schema}"'})
+    # Generic plans: the fenced writes are CTEs over five tables whose custom plan took as long
+    # to make as the write took to run, at every execution; each looks its rows up by key.
+    return asyncpg.connect(
+        dsn,
+        timeout=timeout,
+        server_settings={"search_path": f'"{schema}"', "plan_cache_mode": "force_generic_plan"},
+    )
 
 
 def _not_sent(exc: BaseException) -> bool:
@@ -137,14 +147,26 @@ def _not_sent(exc: BaseException) -> bool:
 class WriterPool:
     """A few long-lived asyncpg connections for the single-statement writes."""
 
-    def __init__(self, dsn: str, schema: str, size: int = 4) -> None:
+    def __init__(self, dsn: str, schema: str, size: int = WRITERS) -> None:
         self._dsn = dsn
         self._schema = schema
         self._slots = asyncio.Semaphore(size)
         self._idle: list[asyncpg.Connection] = []
 
     async def fetchrow(self, statement: str, params: Sequence[Any], timeout: float) -> Any:
-        """The first row of ``statement``, on an idle connection or a new one, in autocommit.
+        """The first row of ``statement``, on an idle connection or a new one, in autocommit."""
+        return await self._call(
+            lambda conn, t: conn.fetchrow(statement, *params, timeout=t), timeout
+        )
+
+    async def executemany(self, statement: str, rows: list[Sequence[Any]], timeout: float) -> None:
+        """``statement`` once per row, pipelined in one round trip and one transaction."""
+        await self._call(lambda conn, t: conn.executemany(statement, rows, timeout=t), timeout)
+
+    async def _call(
+        self, call: Callable[[asyncpg.Connection, float], Awaitable[_T]], timeout: float
+    ) -> _T:
+        """``call`` on an idle connection or a new one.
 
         A connection the server closed while idle (a restart, a terminated backend) is noticed
         before use and replaced; a statement the closed connection refused to send is sent once
@@ -156,9 +178,7 @@ class WriterPool:
             async with self._slots:
                 conn = await self._checkout(max(deadline - loop.time(), 0.01))
                 try:
-                    row = await conn.fetchrow(
-                        statement, *params, timeout=max(deadline - loop.time(), 0.01)
-                    )
+                    result = await call(conn, max(deadline - loop.time(), 0.01))
                 except BaseException as exc:
                     # Interrupted (cancelled, timed out, connection lost): don't reuse it.
                     conn.terminate()
@@ -166,7 +186,7 @@ class WriterPool:
                         continue
                     raise
                 self._idle.append(conn)
-                return row
+                return result
         raise AssertionError("unreachable")
 
     async def _checkout(self, timeout: float) -> asyncpg.Connection:
@@ -244,6 +264,16 @@ class PostgresStore(Store):
     def __init__(self, url: str, schema: str | None = None) -> None:
         super().__init__(url, schema or DEFAULT_SCHEMA)
         self._writers = WriterPool(driver_dsn(url), self.schema)
+        # Step writes (checkpoints, journal entries, intents) of concurrent runs go in batches.
+        self._grouped = {
+            sql.WRITE_STEP: GroupCommit(
+                self._writers.fetchrow,
+                self._writers.executemany,
+                sql.WRITE_STEP,
+                sql.WRITE_STEP_CHECKED,
+                leaders=WRITERS,
+            )
+        }
         self._session = SessionLock(driver_dsn(url), self.schema)
         self.channel = notify_channel(self.schema)
 
@@ -303,7 +333,10 @@ class PostgresStore(Store):
     async def _fetch(self, statement: str, *params: Any, timeout: float | None = None) -> Any:
         """The first row of one :mod:`.sql` statement on a writer connection, in autocommit."""
         self.statements += 1
+        group = self._grouped.get(statement)
         with self.in_use(), self.driver_errors():
+            if group is not None:
+                return await group.fetchrow(params, timeout or COMMAND_TIMEOUT)
             return await self._writers.fetchrow(statement, params, timeout or COMMAND_TIMEOUT)
 
     async def _get_run_or_none(self, run_id: str) -> RunRecord | None:

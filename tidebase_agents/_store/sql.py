@@ -109,23 +109,31 @@ _STEP_UPDATES = ", ".join(
 )
 _AFTER_STEP = 5 + len(STEP_WRITE_COLUMNS)
 
+
+def _write_step(result: str) -> str:
+    return (
+        f"WITH {_fence()}, "
+        f"step AS (INSERT INTO {STEPS} (run_id, lease_token, {', '.join(STEP_WRITE_COLUMNS)}) "
+        f"SELECT $1, $2, {_STEP_PARAMS} FROM fence "
+        f"ON CONFLICT (run_id, name) DO UPDATE SET {_STEP_UPDATES}), "
+        f"{_events(_AFTER_STEP)}, {_usage(_AFTER_STEP + 1)}, "
+        f"lost AS (UPDATE {USAGE} u SET lost = true FROM fence, "
+        f"jsonb_to_recordset(${_AFTER_STEP + 1}::jsonb) AS n(dedupe_key text, step text) "
+        f"WHERE u.run_id = $1 AND u.step = n.step AND u.dedupe_key <> n.dedupe_key), "
+        f"drop_nested AS (DELETE FROM {STEPS} d USING fence WHERE ${_AFTER_STEP + 2}::text IS NOT "
+        f"NULL AND d.run_id = $1 AND d.name LIKE ${_AFTER_STEP + 2} ESCAPE '\\' "
+        f"AND d.name LIKE ${_AFTER_STEP + 3} ESCAPE '\\') "
+        f"{result}"
+    )
+
+
 #: Write a step (insert, or update its earlier record) with its events and usage; usage an
 #: earlier execution recorded for the same steps is marked lost (billed, superseded). With a
 #: LIKE pattern in the last parameter, also drop the step's transient nested checkpoints.
-WRITE_STEP = (
-    f"WITH {_fence()}, "
-    f"step AS (INSERT INTO {STEPS} (run_id, lease_token, {', '.join(STEP_WRITE_COLUMNS)}) "
-    f"SELECT $1, $2, {_STEP_PARAMS} FROM fence "
-    f"ON CONFLICT (run_id, name) DO UPDATE SET {_STEP_UPDATES}), "
-    f"{_events(_AFTER_STEP)}, {_usage(_AFTER_STEP + 1)}, "
-    f"lost AS (UPDATE {USAGE} u SET lost = true FROM fence, "
-    f"jsonb_to_recordset(${_AFTER_STEP + 1}::jsonb) AS n(dedupe_key text, step text) "
-    f"WHERE u.run_id = $1 AND u.step = n.step AND u.dedupe_key <> n.dedupe_key), "
-    f"drop_nested AS (DELETE FROM {STEPS} d USING fence WHERE ${_AFTER_STEP + 2}::text IS NOT "
-    f"NULL AND d.run_id = $1 AND d.name LIKE ${_AFTER_STEP + 2} ESCAPE '\\' "
-    f"AND d.name LIKE ${_AFTER_STEP + 3} ESCAPE '\\') "
-    f"SELECT event_seq FROM fence"
-)
+WRITE_STEP = _write_step("SELECT event_seq FROM fence")
+#: WRITE_STEP as one write of a batch: it fails (division by zero) unless its fence held, so a
+#: batch holding a stale lease lands nothing.
+WRITE_STEP_CHECKED = _write_step("SELECT 1 / count(*) FROM fence")
 
 #: Delete the steps named in $5 (a text array), with the write's events ($6).
 DELETE_STEPS = (
