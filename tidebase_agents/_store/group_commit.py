@@ -94,7 +94,10 @@ class GroupCommit:
                 return signal
             mine.signal = loop.create_future()
         try:
-            await uninterrupted(self._send(self._take(mine)))
+            batch = self._take(mine)
+            if len(batch) == 1:  # alone: exactly the single statement, with nothing to shield
+                return await self._fetchrow(self._statement, params, timeout)
+            await uninterrupted(self._send(batch))
         finally:
             self._pass_on()
         return mine.signal.result()
@@ -125,20 +128,20 @@ class GroupCommit:
         self._active -= 1
 
     async def _send(self, batch: list[_Write]) -> None:
+        """Send a batch of two or more writes and settle each one's outcome."""
         loop = asyncio.get_running_loop()
         timeout = max(min(w.deadline for w in batch) - loop.time(), 0.01)
         outcomes: list[Any] = []
         try:
-            if len(batch) > 1:
-                try:
-                    await self._executemany(self._checked, [w.params for w in batch], timeout)
-                    outcomes = [HELD] * len(batch)
-                    self.batches += 1
-                    self.batched_writes += len(batch)
-                except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
-                    # The server refused one of them (a fence, a value) and landed none: each
-                    # goes alone, to learn its own outcome.
-                    pass
+            try:
+                await self._executemany(self._checked, [w.params for w in batch], timeout)
+                outcomes = [HELD] * len(batch)
+                self.batches += 1
+                self.batched_writes += len(batch)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+                # The server refused one of them (a fence, a value) and landed none: each goes
+                # alone, to learn its own outcome.
+                pass
             for write in batch[len(outcomes) :]:
                 try:
                     outcomes.append(await self._fetchrow(self._statement, write.params, timeout))
