@@ -153,11 +153,23 @@ class WriterPool:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[asyncpg.Connection] = []
 
-    async def fetchrow(self, statement: str, params: Sequence[Any], timeout: float) -> Any:
-        """The first row of ``statement``, on an idle connection or a new one, in autocommit."""
-        return await self._call(
-            lambda conn, t: conn.fetchrow(statement, *params, timeout=t), timeout
-        )
+    async def fetchrow(
+        self, statement: str, params: Sequence[Any], timeout: float, *, planned: bool = False
+    ) -> Any:
+        """The first row of ``statement``, on an idle connection or a new one, in autocommit;
+        with ``planned``, in a transaction planned for its parameters' values (the server's own
+        choice) instead of with the generic plan these connections ask for."""
+        if not planned:
+            return await self._call(
+                lambda conn, t: conn.fetchrow(statement, *params, timeout=t), timeout
+            )
+
+        async def in_transaction(conn: asyncpg.Connection, t: float) -> Any:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL plan_cache_mode = auto", timeout=t)
+                return await conn.fetchrow(statement, *params, timeout=t)
+
+        return await self._call(in_transaction, timeout)
 
     async def executemany(self, statement: str, rows: list[Sequence[Any]], timeout: float) -> None:
         """``statement`` once per row, pipelined in one round trip and one transaction."""
@@ -330,14 +342,18 @@ class PostgresStore(Store):
             )
         return self.unavailable(exc)
 
-    async def _fetch(self, statement: str, *params: Any, timeout: float | None = None) -> Any:
+    async def _fetch(
+        self, statement: str, *params: Any, timeout: float | None = None, planned: bool = False
+    ) -> Any:
         """The first row of one :mod:`.sql` statement on a writer connection, in autocommit."""
         self.statements += 1
         group = self._grouped.get(statement)
         with self.in_use(), self.driver_errors():
             if group is not None:
                 return await group.fetchrow(params, timeout or COMMAND_TIMEOUT)
-            return await self._writers.fetchrow(statement, params, timeout or COMMAND_TIMEOUT)
+            return await self._writers.fetchrow(
+                statement, params, timeout or COMMAND_TIMEOUT, planned=planned
+            )
 
     async def _get_run_or_none(self, run_id: str) -> RunRecord | None:
         # On a writer connection: every execution reads its run, and a pool checkout through
@@ -346,13 +362,15 @@ class PostgresStore(Store):
         return None if row is None else run_from_mapping(row)
 
     async def _prune_once(self, which: PruneFilter, batch: int) -> int:
-        # One statement per batch on a writer connection (its own short transaction).
+        # One statement per batch on a writer connection (its own short transaction), planned
+        # for its filters: under the generic plan a prune of 100,000 runs took three times as long.
         row = await self._fetch(
             sql.PRUNE_BATCH,
             sorted(str(s) for s in which.statuses),
             which.before,
             list(which.pipelines),
             batch,
+            planned=True,
         )
         return int(row["n"])
 
