@@ -250,3 +250,46 @@ async def test_t1_a_handoff_between_models_records_each_call_under_its_own(db_ur
         ("agent:front#1/model#2", "smart-model"),
         ("agent:front#1/model#3", "smart-model"),
     ]
+
+
+async def test_t1_no_tool_of_an_answer_runs_once_the_run_was_cancelled(db_url: str) -> None:
+    # The answer's journal entry is written behind the call; its fence must still be heard
+    # before any tool it asked for runs (R12), not at the next write.
+    from agents.items import ModelResponse
+    from agents.testing import function_call
+    from agents.usage import Usage
+
+    from tidebase_agents import RunCancelled
+
+    run_id = f"r-cancel-{uuid.uuid4().hex[:6]}"
+    ran: list[int] = []
+
+    @function_tool
+    def work(i: int) -> str:
+        """Do step i."""
+        ran.append(i)
+        return f"w{i}"
+
+    class CancelledWhileAnswering(Model):
+        calls = 0
+
+        async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
+            self.calls += 1
+            if self.calls == 2:
+                await Tidebase(db_url).cancel(run_id)  # an operator, while the model answers
+            call = function_call("work", {"i": self.calls}, call_id=f"c{self.calls}")
+            return ModelResponse(output=[call], usage=Usage(requests=1), response_id=None)
+
+        def stream_response(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    agent = Agent(name="worker", model=CancelledWhileAnswering(), tools=[work])
+
+    @checkpointed_pipeline(f"cancel-{uuid.uuid4().hex[:6]}", database_url=db_url)
+    async def pipeline() -> str:
+        return str((await Runner.run(agent, "go", max_turns=10)).final_output)
+
+    with pytest.raises(RunCancelled):
+        await pipeline(run_id=run_id)
+    assert ran == [1]  # turn 2's tool never ran
+    assert (await Tidebase(db_url).get_run(run_id)).status == "cancelled"

@@ -64,6 +64,8 @@ log = logging.getLogger("tidebase_agents")
 #: step boundary: back-to-back steps skip a read. A cancellation committed in that window can
 #: let one more step without side effects run; its checkpoint is refused all the same.
 BOUNDARY_REUSE = 0.0005
+#: A journal entry to write: its record, its JSON text, its usage and its events.
+_Entry = tuple[StepRecord, str, list[UsageRecord], list[Event]]
 #: The shortest wait a database call gets, even when the lease is about to run out.
 MIN_WAIT = 0.05
 
@@ -115,7 +117,7 @@ class Executor:
         self._pending: set[asyncio.Task[Any]] = set()
         #: Journal entries kept back until the step they belong to completes (see journal()),
         #: and journal writes in flight.
-        self._deferred: dict[str, tuple[StepRecord, str, list[UsageRecord], list[Event]]] = {}
+        self._deferred: dict[str, _Entry] = {}
         self._journal_writes: set[asyncio.Task[Any]] = set()
         self._ended = False
         self._renewing = False
@@ -306,7 +308,7 @@ class Executor:
             attempts=attempts, keyed=keyed, started_at=execution.started, duration_ms=duration
         )
         folded_usage, folded_events = self._fold_journal(spec.name)
-        await self._journal_landed()  # the completion drops the entries: they land first
+        await self.journal_landed()  # the completion drops the entries: they land first
         if error is None:
             await self._write(
                 spec,
@@ -579,6 +581,10 @@ class Executor:
     ) -> None:
         """Record a journal entry of the step running in this task (a model turn).
 
+        The write is sent before this returns and lands behind it: the caller (the SDK
+        reading the answer) goes on meanwhile, and awaits :meth:`journal_landed` before
+        anything the entry led to happens (a tool call). Only one entry is in flight at a time.
+
         ``defer`` keeps it in memory instead: the step is about to complete (a final answer),
         and its completion will carry the entry's usage and events in its own write, so the
         entry costs no round trip. A deferred entry is written all the same when anything else
@@ -589,7 +595,8 @@ class Executor:
         if defer:
             self._deferred[name] = (record, text, list(usage), list(events))
             return
-        await self._write_journal(record, text, usage, events)
+        self._write_behind((record, text, list(usage), list(events)))
+        await asyncio.sleep(0)  # let the write reach the server before the caller goes on
 
     async def _write_journal(
         self,
@@ -617,20 +624,30 @@ class Executor:
         every journal write in flight has landed."""
         while self._deferred:
             _, entry = self._deferred.popitem()
-            task = self.track(self.loop.create_task(self._write_journal(*entry)))
-            self._journal_writes.add(task)
-            task.add_done_callback(self._journal_writes.discard)
-        await self._journal_landed()
+            self._write_behind(entry)
+        await self.journal_landed()
 
-    async def _journal_landed(self) -> None:
+    def _write_behind(self, entry: _Entry) -> None:
+        task = self.track(self.loop.create_task(self._write_journal(*entry)))
+        self._journal_writes.add(task)
+        task.add_done_callback(self._journal_write_done)
+
+    def _journal_write_done(self, task: asyncio.Task[Any]) -> None:
+        # A failed write stays until journal_landed reports it: it may fail before anyone waits.
+        if task.cancelled() or task.exception() is None:
+            self._journal_writes.discard(task)
+
+    async def journal_landed(self) -> None:
+        """Wait until every journal write in flight has landed; raise the first one's error
+        (each failed write is reported once)."""
         if not self._journal_writes:
             return
         # asyncio.wait, unlike gather, does not cancel the writes if this task is cancelled.
         done, _ = await asyncio.wait(list(self._journal_writes))
-        for task in done:
-            error = None if task.cancelled() else task.exception()
-            if error is not None:
-                raise error
+        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+        self._journal_writes.difference_update(failed)
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
 
     def _fold_journal(self, step: str) -> tuple[list[UsageRecord], list[Event]]:
         """Take the deferred entries of ``step`` out: their usage and events go with its own

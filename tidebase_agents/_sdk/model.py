@@ -12,9 +12,10 @@ and on resume a recorded turn replays, as fresh objects, while its fingerprint m
   names what changed. A changed static part (instructions, tools, model, settings, output
   schema, handoffs, prompt) raises ``StepInputMismatch`` naming the turn.
 - Usage is recorded per call, under the model that served it, with the turn's journal entry.
-- Journal entries are written behind the call (``Executor.journal``) and land before any side
-  effect and before the agent step completes, which drops them: a completed agent step replays
-  from its own checkpoint in one read.
+- Journal entries are written behind the call (``Executor.journal``): sent at once, they land
+  while the SDK reads the answer, and before any tool it asked for runs, any other side effect,
+  and the agent step's completion, which drops them: a completed agent step replays from its
+  own checkpoint in one read.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from agents.models.interface import Model, ModelTracing
 from agents.run_internal import (
     run_loop,  # SDK private
     turn_preparation,  # SDK private
+    turn_resolution,  # SDK private
 )
 from agents.run_internal.model_retry import apply_retry_attempt_usage  # SDK private
 from agents.usage import (  # SDK private
@@ -355,10 +357,11 @@ class JournaledModel(Model):
         response: ModelResponse,
         events: list[Event],
     ) -> None:
-        """Journal a live answer. One that acts (calls a tool, hands off) is written before the
-        SDK goes on, so a resume replays it instead of asking anew; a final answer rides along
-        with the agent step's completion, which follows at once (a crash in between asks the
-        model once more)."""
+        """Journal a live answer. One that acts (calls a tool, hands off) is sent at once and
+        lands while the SDK reads it, before any of its tools runs (:func:`_execute_tools`),
+        so a resume replays it instead of asking anew; a final answer rides along with the
+        agent step's completion, which follows at once (a crash in between asks the model
+        once more)."""
         name = turns.name(turn)
         try:
             await self._write(ex, turns, name, input_hash, per_part, response, events)
@@ -573,6 +576,23 @@ def _get_model(agent: Agent[Any], run_config: Any) -> Model:
     return _wrapper_for(inner)
 
 
+_original_execute_tools = turn_resolution.execute_tools_and_side_effects  # SDK private
+
+
+async def _execute_tools(*args: Any, **kwargs: Any) -> Any:
+    """The SDK's one entry to running a turn's tools, handoffs and actions: the journal
+    entry of the answer that asked for them lands first."""
+    ex = active_executor()
+    if ex is not None:
+        try:
+            await ex.journal_landed()
+        except TidebaseError as exc:
+            raise StopRun(exc) from exc  # the library's failure: it must not reach the model
+    return await _original_execute_tools(*args, **kwargs)
+
+
 def install() -> None:
-    """Route the run loop's per-turn model resolution through the journal (idempotent)."""
+    """Route the run loop's per-turn model resolution through the journal, and its tool
+    execution behind the journal's writes (idempotent)."""
     run_loop.get_model = _get_model  # SDK private
+    turn_resolution.execute_tools_and_side_effects = _execute_tools  # SDK private
